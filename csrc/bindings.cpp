@@ -1,0 +1,118 @@
+// pybind11 bindings of qlora_kernels._C. Tensors cross as integer addresses
+// (tensor.data_ptr()); Python validates shapes, dtypes and devices before calling.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "nf4.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+qk::DType dtype_tag(int tag) {
+    if (tag < 0 || tag > 2) throw std::invalid_argument("dtype tag must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+    return static_cast<qk::DType>(tag);
+}
+
+qk::NestedAbsmax nested_of(uintptr_t absmax_q, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
+                           int64_t nested_blocksize) {
+    qk::NestedAbsmax nested;
+    if (absmax_q) {
+        if (!nested_absmax || !nested_code || !offset)
+            throw std::invalid_argument("double quant needs nested_absmax, nested_code and offset");
+        if (nested_blocksize <= 0) throw std::invalid_argument("nested_blocksize must be positive");
+        nested.absmax_q = ptr<const uint8_t>(absmax_q);
+        nested.nested_absmax = ptr<const float>(nested_absmax);
+        nested.nested_code = ptr<const float>(nested_code);
+        nested.offset = ptr<const float>(offset);
+        nested.nested_blocksize = nested_blocksize;
+    }
+    return nested;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "qlora_kernels native kernels (no torch ABI: raw pointers and sizes)";
+    using py::arg;
+    const auto release = py::call_guard<py::gil_scoped_release>();
+
+    m.def(
+        "nf4_quantize_cpu",
+        [](uintptr_t A, int dtype, int64_t n, int64_t blocksize, uintptr_t packed, uintptr_t absmax, int threads) {
+            qk::nf4_quantize_cpu(ptr<const void>(A), dtype_tag(dtype), n, blocksize, ptr<uint8_t>(packed),
+                                 ptr<float>(absmax), threads);
+        },
+        arg("A"), arg("dtype"), arg("n"), arg("blocksize"), arg("packed"), arg("absmax"), arg("num_threads"),
+        release);
+    m.def(
+        "nf4_dequantize_cpu",
+        [](uintptr_t packed, uintptr_t absmax, uintptr_t absmax_q, uintptr_t nested_absmax, uintptr_t nested_code,
+           uintptr_t offset, int64_t nested_blocksize, int64_t n, int64_t blocksize, uintptr_t out, int dtype,
+           int threads) {
+            qk::nf4_dequantize_cpu(ptr<const uint8_t>(packed), ptr<const float>(absmax),
+                                   nested_of(absmax_q, nested_absmax, nested_code, offset, nested_blocksize), n,
+                                   blocksize, ptr<void>(out), dtype_tag(dtype), threads);
+        },
+        arg("packed"), arg("absmax"), arg("absmax_q"), arg("nested_absmax"), arg("nested_code"), arg("offset"),
+        arg("nested_blocksize"), arg("n"), arg("blocksize"), arg("out"), arg("dtype"), arg("num_threads"), release);
+    m.def(
+        "quantize_blockwise_8bit_cpu",
+        [](uintptr_t A, uintptr_t lut, int64_t n, int64_t blocksize, uintptr_t out, uintptr_t absmax, int threads) {
+            qk::quantize_blockwise_8bit_cpu(ptr<const float>(A), ptr<const uint8_t>(lut), n, blocksize,
+                                            ptr<uint8_t>(out), ptr<float>(absmax), threads);
+        },
+        arg("A"), arg("lut"), arg("n"), arg("blocksize"), arg("out"), arg("absmax"), arg("num_threads"), release);
+
+    py::dict build;
+#ifdef QK_WITH_CUDA
+    build["cuda"] = true;
+    build["cuda_archs"] = std::string(QK_CUDA_ARCHS);
+    build["cuda_runtime"] = std::string(QK_CUDA_VERSION);
+    m.def(
+        "nf4_quantize_cuda",
+        [](uintptr_t A, int dtype, int64_t n, int64_t blocksize, uintptr_t packed, uintptr_t absmax,
+           uintptr_t stream) {
+            qk::nf4_quantize_cuda(ptr<const void>(A), dtype_tag(dtype), n, blocksize, ptr<uint8_t>(packed),
+                                  ptr<float>(absmax), stream);
+        },
+        arg("A"), arg("dtype"), arg("n"), arg("blocksize"), arg("packed"), arg("absmax"), arg("stream"), release);
+    m.def(
+        "nf4_dequantize_cuda",
+        [](uintptr_t packed, uintptr_t absmax, uintptr_t absmax_q, uintptr_t nested_absmax, uintptr_t nested_code,
+           uintptr_t offset, int64_t nested_blocksize, int64_t n, int64_t blocksize, uintptr_t out, int dtype,
+           uintptr_t stream) {
+            qk::nf4_dequantize_cuda(ptr<const uint8_t>(packed), ptr<const float>(absmax),
+                                    nested_of(absmax_q, nested_absmax, nested_code, offset, nested_blocksize), n,
+                                    blocksize, ptr<void>(out), dtype_tag(dtype), stream);
+        },
+        arg("packed"), arg("absmax"), arg("absmax_q"), arg("nested_absmax"), arg("nested_code"), arg("offset"),
+        arg("nested_blocksize"), arg("n"), arg("blocksize"), arg("out"), arg("dtype"), arg("stream"), release);
+    m.def(
+        "quantize_blockwise_8bit_cuda",
+        [](uintptr_t A, uintptr_t lut, int64_t n, int64_t blocksize, uintptr_t out, uintptr_t absmax,
+           uintptr_t stream) {
+            qk::quantize_blockwise_8bit_cuda(ptr<const float>(A), ptr<const uint8_t>(lut), n, blocksize,
+                                             ptr<uint8_t>(out), ptr<float>(absmax), stream);
+        },
+        arg("A"), arg("lut"), arg("n"), arg("blocksize"), arg("out"), arg("absmax"), arg("stream"), release);
+    m.def("cuda_device_count", [] {
+        const char* error = nullptr;
+        const int count = qk::cuda_device_count(&error);
+        return py::make_tuple(count, error ? py::str(error) : py::str(""));
+    });
+#else
+    build["cuda"] = false;
+    build["cuda_archs"] = std::string("");
+    build["cuda_runtime"] = std::string("");
+#endif
+    m.attr("build_info") = build;
+}

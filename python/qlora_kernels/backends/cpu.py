@@ -1,0 +1,51 @@
+"""CPU: the C++ kernels of csrc/ (multithreaded), through qlora_kernels._C."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._native import native
+from ..ops import nf4 as ops
+from .common import as_bytes, dtype_tag, dynamic_lut, nested_pointers
+
+_C = native()
+
+if _C is not None:
+
+    @ops.nf4_quantize_blocks.register_kernel("cpu")
+    def _(weight: torch.Tensor, blocksize: int):
+        weight = weight.contiguous()
+        n = weight.numel()
+        packed = torch.empty(((n + 1) // 2,), dtype=torch.uint8)
+        absmax = torch.empty((math.ceil(n / blocksize),), dtype=torch.float32)
+        _C.nf4_quantize_cpu(
+            weight.data_ptr(), dtype_tag(weight.dtype), n, blocksize, packed.data_ptr(), absmax.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return packed, absmax
+
+    @ops.nf4_dequantize.register_kernel("cpu")
+    def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
+        packed = as_bytes(packed)
+        tensors = [t.contiguous() if t is not None else None for t in (absmax, nested_absmax, nested_code, offset)]
+        tensors = [t.float() if t is not None and t.dtype != torch.uint8 else t for t in tensors]
+        out = torch.empty(shape, dtype=dtype)
+        absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*tensors)
+        _C.nf4_dequantize_cpu(
+            packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            nested_blocksize, out.numel(), blocksize, out.data_ptr(), dtype_tag(dtype), torch.get_num_threads(),
+        )
+        return out
+
+    @ops.quantize_blockwise_8bit.register_kernel("cpu")
+    def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+        A = A.contiguous().float()
+        out = torch.empty(A.shape, dtype=torch.uint8)
+        absmax = torch.empty((math.ceil(A.numel() / blocksize),), dtype=torch.float32)
+        _C.quantize_blockwise_8bit_cpu(
+            A.data_ptr(), dynamic_lut(code).data_ptr(), A.numel(), blocksize, out.data_ptr(), absmax.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return out, absmax

@@ -1,0 +1,73 @@
+"""CUDA: the CUDA C++ kernels of kernels/ through qlora_kernels._C when they were
+compiled; otherwise the Triton dequantize kernel (a build without nvcc still gets a fast
+GPU dequantize) and the reference for the rest. Triton is a GPU requirement (the `gpu`
+extra), so without it a CUDA dequantize raises ImportError naming it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._native import has_cuda_kernels, native
+from ..ops import nf4 as ops
+from .common import as_bytes, dtype_tag, dynamic_lut, nested_pointers
+
+_C = native()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+if has_cuda_kernels():
+
+    @ops.nf4_quantize_blocks.register_kernel("cuda")
+    def _(weight: torch.Tensor, blocksize: int):
+        weight = weight.contiguous()
+        n = weight.numel()
+        packed = torch.empty(((n + 1) // 2,), dtype=torch.uint8, device=weight.device)
+        absmax = torch.empty((math.ceil(n / blocksize),), dtype=torch.float32, device=weight.device)
+        with torch.cuda.device(weight.device):
+            _C.nf4_quantize_cuda(
+                weight.data_ptr(), dtype_tag(weight.dtype), n, blocksize, packed.data_ptr(), absmax.data_ptr(),
+                _stream(weight.device),
+            )
+        return packed, absmax
+
+    @ops.nf4_dequantize.register_kernel("cuda")
+    def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
+        packed = as_bytes(packed)
+        tensors = [t.contiguous() if t is not None else None for t in (absmax, nested_absmax, nested_code, offset)]
+        tensors = [t.float() if t is not None and t.dtype != torch.uint8 else t for t in tensors]
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+        absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*tensors)
+        with torch.cuda.device(packed.device):
+            _C.nf4_dequantize_cuda(
+                packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                nested_blocksize, out.numel(), blocksize, out.data_ptr(), dtype_tag(dtype), _stream(packed.device),
+            )
+        return out
+
+    @ops.quantize_blockwise_8bit.register_kernel("cuda")
+    def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+        A = A.contiguous().float()
+        out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+        absmax = torch.empty((math.ceil(A.numel() / blocksize),), dtype=torch.float32, device=A.device)
+        with torch.cuda.device(A.device):
+            _C.quantize_blockwise_8bit_cuda(
+                A.data_ptr(), dynamic_lut(code).data_ptr(), A.numel(), blocksize, out.data_ptr(), absmax.data_ptr(),
+                _stream(A.device),
+            )
+        return out, absmax
+
+else:
+
+    @ops.nf4_dequantize.register_kernel("cuda")
+    def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
+        # imported on first use: `import qlora_kernels` stays free of triton's start-up cost
+        from ..triton.nf4_dequant import nf4_dequantize_triton
+
+        return nf4_dequantize_triton(
+            packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
+        )

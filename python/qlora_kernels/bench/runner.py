@@ -1,0 +1,73 @@
+"""`qlora-kernels bench`: run the suites, print the table, write JSON and PNG."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..env import backends
+from . import nf4
+from .timing import copy_bandwidth_gbps, device_name, slug
+
+SUITES = {"nf4": nf4.bench}
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'op':<30} {'shape':<12} {'ours ms':>9} {'bnb ms':>9} {'ratio':>7} {'GB/s':>8} {'% copy':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['op']:<30} {shape:<12} {r['ours_ms']:>9.3f} {r['baseline_ms']:>9.3f} "
+                     f"{r['ratio']:>6.2f}x {r['ours_GBps']:>8.1f} {r['pct_of_copy_bandwidth']:>6.1f}%")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op'].split()[0]}\n{'x'.join(map(str, r['shape']))}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows], color="tab:blue")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("speed-up vs baseline (x)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(what: str = "nf4", quick: bool = False, out_dir: str = "benchmarks/results",
+        device: str | None = None) -> Path:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    suites = list(SUITES) if what == "all" else [what]
+    name = device_name(dev)
+    print(f"bench {'+'.join(suites)} on {name}{' (quick)' if quick else ''}", flush=True)
+    copy_gbps = copy_bandwidth_gbps(dev, quick)
+    rows = []
+    for suite in suites:
+        rows += [dict(r, suite=suite) for r in SUITES[suite](dev, quick, copy_gbps)]
+    print(_table(rows))
+    print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
+
+    date = dt.date.today().strftime("%Y%m%d")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{slug(name)}-{date}{'-quick' if quick else ''}"
+    result = {
+        "device": name, "date": date, "quick": quick,
+        "command": "python -m qlora_kernels bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [what]),
+        "copy_bandwidth_GBps": round(copy_gbps, 1), "env": backends(), "rows": rows,
+    }
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(rows, f"qlora_kernels vs baselines, {name}, {date}", out / f"{stem}.png")
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return path

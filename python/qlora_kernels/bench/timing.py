@@ -1,0 +1,48 @@
+"""Timing and device facts shared by the benchmarks (medians; L2 flushed on GPU)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+
+def median_ms(fn, device: torch.device, quick: bool = False) -> float:
+    """Median time of fn() in milliseconds, after warm-up."""
+    if device.type == "cuda":
+        import triton.testing
+
+        # do_bench flushes L2 between runs (memory-bound kernels are timed cold)
+        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
+                                             return_mode="median"))
+    import torch.utils.benchmark as tb
+
+    fn()  # warm-up (first-call compilation, allocator)
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.3 if quick else 1.0)
+    return m.median * 1e3
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
+    """Measured device copy bandwidth (bytes read + written), the roofline for memory-bound ops."""
+    nbytes = (1 << 30) if device.type == "cuda" else (1 << 28)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, quick)
+    return 2 * nbytes / ms / 1e6

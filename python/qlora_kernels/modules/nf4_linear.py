@@ -1,0 +1,136 @@
+"""NF4Linear: a frozen 4-bit linear layer whose state dict is bitsandbytes' `Linear4bit`'s."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..checkpoint import state_to_dict, weight_from_state_dict
+from ..nf4 import FLOAT_DTYPES, NF4QuantState, check_packed, nf4_dequantize, nf4_quantize
+
+_STATE_FIELDS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
+
+
+class NF4Linear(nn.Module):
+    """y = x · dequant(W)ᵀ + bias, W stored as NF4 (optionally double-quantized).
+
+    `weight` is a frozen Parameter holding the packed bytes in `quant_storage`; the quant
+    state lives in non-persistent buffers (so `.to(device)` moves it) and is written to /
+    read from the state dict under bitsandbytes' keys (`weight.absmax`, ...,
+    `weight.quant_state.bitsandbytes__nf4`). Casting the module (`.half()`, `.to(bf16)`)
+    never casts the packed bytes or the quant state: only the bias follows.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        packed: torch.Tensor,
+        state: NF4QuantState,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ):
+        super().__init__()
+        if compute_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"compute_dtype={compute_dtype} is not supported; use one of {FLOAT_DTYPES}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self._set_weight(packed, state)
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> NF4Linear:
+        """Quantize an nn.Linear (the bias Parameter is reused as is)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        packed, state = nf4_quantize(linear.weight.detach(), blocksize, double_quant, quant_storage)
+        return cls(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype)
+
+    # -- the quantized weight --------------------------------------------------------
+
+    def _set_weight(self, packed: torch.Tensor, state: NF4QuantState) -> None:
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"quantized weight has shape {tuple(state.shape)}, expected ({self.out_features}, {self.in_features})"
+            )
+        check_packed(packed, state)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        for name in _STATE_FIELDS:
+            self.register_buffer(name, getattr(state, name), persistent=False)
+        self._meta = (state.shape, state.dtype, state.blocksize, state.nested_blocksize)
+
+    @property
+    def quant_state(self) -> NF4QuantState:
+        shape, dtype, blocksize, nested_blocksize = self._meta
+        return NF4QuantState(
+            absmax=self.absmax, shape=shape, dtype=dtype, blocksize=blocksize, code=self.code,
+            offset=self.offset, nested_absmax=self.nested_absmax, nested_code=self.nested_code,
+            nested_blocksize=nested_blocksize,
+        )
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return nf4_dequantize(self.weight, self.quant_state, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return nn.functional.linear(x.to(self.compute_dtype), w, bias).to(x.dtype)
+
+    # -- casting and the state dict ------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() would reinterpret packed bytes and cast absmax codes:
+        # quantized tensors only follow device moves.
+        protected = {id(self.weight)} | {id(getattr(self, n)) for n in _STATE_FIELDS if getattr(self, n) is not None}
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in protected:
+                return fn(t)
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in state_to_dict(self.quant_state).items():
+            destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            # Everything is parsed and checked before the layer changes: a bad entry raises
+            # and leaves the layer as it was.
+            packed, state = weight_from_state_dict(state_dict, key, (self.out_features, self.in_features))
+            device = self.weight.device
+            bias = state_dict.get(prefix + "bias")
+            if self.bias is not None and isinstance(bias, torch.Tensor) and bias.shape != self.bias.shape:
+                raise ValueError(f"{prefix}bias: checkpoint shape {tuple(bias.shape)}, layer {tuple(self.bias.shape)}")
+            # copies, as load_state_dict always does: the layer never aliases the caller's dict
+            state = state.with_tensors(**{k: v.to(device, copy=True) for k, v in state.tensors().items()})
+            self._set_weight(packed.to(device, copy=True), state)
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(key)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        s = self.quant_state
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocksize={s.blocksize}, double_quant={s.double_quant}, quant_storage={self.quant_storage}, "
+            f"compute_dtype={self.compute_dtype}"
+        )

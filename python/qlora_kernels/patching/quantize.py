@@ -1,0 +1,100 @@
+"""nn.Linear -> NF4Linear (quantize_model) and bitsandbytes Linear4bit -> NF4Linear (from_bnb)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..modules import NF4Linear
+from ..nf4 import NF4QuantState
+
+DEFAULT_SKIP = ("lm_head",)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    # A skip entry names a module by its last name(s) ("lm_head", "mlp.down_proj"), as
+    # transformers' llm_int8_skip_modules does.
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_model(
+    model: nn.Module,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    quant_storage: torch.dtype = torch.uint8,
+    skip_modules: Iterable[str] = (),
+    progress: bool = True,
+) -> nn.Module:
+    """Replace every `nn.Linear` (except `lm_head` and `skip_modules`) by an NF4Linear, in place.
+
+    For a transformers model the config gets the matching `BitsAndBytesConfig`, so
+    `save_pretrained` writes a checkpoint that stock transformers + bitsandbytes load.
+    Returns the model.
+    """
+    skip = tuple(DEFAULT_SKIP) + tuple(skip_modules)
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)]
+    for name, linear in tqdm(targets, desc="nf4 quantize", unit="layer", disable=not progress or not targets):
+        _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype, quant_storage))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config.quantization_config = _bnb_config(blocksize, double_quant, compute_dtype, quant_storage, skip)
+    return model
+
+
+def _bnb_config(blocksize, double_quant, compute_dtype, quant_storage, skip):
+    # BitsAndBytesConfig has no blocksize field: loading reads it from each weight's
+    # quant state, so any blocksize round-trips.
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
+        llm_int8_skip_modules=list(skip),
+    )
+
+
+def from_bnb(model: nn.Module, progress: bool = True) -> nn.Module:
+    """Turn the bitsandbytes NF4 `Linear4bit` layers of `model` into NF4Linear, in place.
+
+    The packed weight, the quant-state tensors and the bias are shared, not copied and not
+    requantized. Works on a model loaded with `BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4")`, also inside a PEFT model (the LoRA layers' base_layer).
+    """
+    import bitsandbytes as bnb
+
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for name, layer in tqdm(targets, desc="from bitsandbytes", unit="layer", disable=not progress or not targets):
+        _set_submodule(model, name, _from_linear4bit(name, layer))
+    return model
+
+
+def _from_linear4bit(name: str, layer) -> NF4Linear:
+    qs = getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
+    if qs is None:
+        raise ValueError(f"{name}: Linear4bit is not quantized yet (move it to a device first)")
+    if qs.quant_type != "nf4":
+        raise NotImplementedError(f"{name}: quant_type {qs.quant_type!r} is not supported, only 'nf4'")
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise NotImplementedError(f"{name}: bitsandbytes' CPU-repacked inference layout is not supported")
+    nested = qs.state2
+    state = NF4QuantState(
+        absmax=qs.absmax, shape=torch.Size(qs.shape), dtype=qs.dtype, blocksize=qs.blocksize, code=qs.code,
+        offset=qs.offset if nested is not None else None,
+        nested_absmax=nested.absmax if nested is not None else None,
+        nested_code=nested.code if nested is not None else None,
+        nested_blocksize=nested.blocksize if nested is not None else 256,
+    )
+    compute_dtype = layer.compute_dtype or torch.float32
+    return NF4Linear(layer.in_features, layer.out_features, layer.weight.data, state, layer.bias, compute_dtype)

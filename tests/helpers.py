@@ -1,0 +1,46 @@
+"""Shared test inputs: the bitsandbytes oracle and weights with awkward values."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# odd counts, shorter than a block, partial last blocks, exact multiples
+SIZES = (1, 2, 3, 31, 63, 64, 65, 1000, 4096 + 17, 3 * 4096)
+
+
+def weight(n_or_shape, dtype=torch.float32, device="cpu"):
+    """Normal values plus the edge cases that catch rounding and tie bugs: a zero block,
+    a block with a single non-zero, exact NF4 midpoints of the block max, huge and tiny scales."""
+    shape = (n_or_shape,) if isinstance(n_or_shape, int) else tuple(n_or_shape)
+    w = torch.randn(shape, dtype=torch.float32, device=device)
+    flat = w.view(-1)
+    n = flat.numel()
+    if n >= 128:
+        flat[:64] = 0
+        flat[64:128] = 0
+        flat[70] = -3.0
+    if n >= 256:
+        from qlora_kernels.reference import nf4_midpoints
+
+        mids = nf4_midpoints()
+        flat[128:143] = mids * 2.0  # block max below is 2.0, so these scale to exact midpoints
+        flat[143] = 2.0
+    if n >= 512:
+        flat[256:384] *= 1e-30  # fp16: subnormals and zeros
+        flat[384:512] *= 1e3 if dtype == torch.float16 else 1e30
+    return w.to(dtype)
+
+
+def bnb_quantize(w, blocksize, double_quant=True, quant_storage=torch.uint8):
+    import bitsandbytes.functional as F
+
+    return F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4",
+                           quant_storage=quant_storage)
+
+
+def bnb_dequantize(packed, qs):
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(packed, qs, quant_type="nf4")
