@@ -7,11 +7,16 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "float_convert.h"
 #include "nf4.h"
 #include "nf4_codebook.h"
 #include "parallel.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace qk {
 namespace {
@@ -84,21 +89,187 @@ inline float block_absmax(const float* absmax, const NestedAbsmax& nested, int64
     return scaled + *nested.offset;
 }
 
+#if defined(__x86_64__)
+// SSSE3 lookup: the block's 16 possible outputs are split into byte planes (plane k holds
+// byte k of each value) and pshufb picks 16 of them per instruction. Every x86-64 CPU since
+// 2008 has SSSE3; the check below keeps the scalar loop for the rest.
+const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+
+template <int kWidth>
+__attribute__((target("ssse3"))) inline void lookup_store(__m128i codes, const __m128i* planes, uint8_t* dst) {
+    if constexpr (kWidth == 2) {
+        const __m128i lo = _mm_shuffle_epi8(planes[0], codes), hi = _mm_shuffle_epi8(planes[1], codes);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi8(lo, hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_unpackhi_epi8(lo, hi));
+    } else {
+        const __m128i b0 = _mm_shuffle_epi8(planes[0], codes), b1 = _mm_shuffle_epi8(planes[1], codes);
+        const __m128i b2 = _mm_shuffle_epi8(planes[2], codes), b3 = _mm_shuffle_epi8(planes[3], codes);
+        const __m128i lo01 = _mm_unpacklo_epi8(b0, b1), hi01 = _mm_unpackhi_epi8(b0, b1);
+        const __m128i lo23 = _mm_unpacklo_epi8(b2, b3), hi23 = _mm_unpackhi_epi8(b2, b3);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(lo01, lo23));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_unpackhi_epi16(lo01, lo23));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm_unpacklo_epi16(hi01, hi23));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 48), _mm_unpackhi_epi16(hi01, hi23));
+    }
+}
+
+// Byte planes of the block's 16 outputs NF4[c] * scale, built in registers: the products
+// are the same IEEE multiplies as the scalar path, so the values are identical.
+__attribute__((target("ssse3"))) inline void fp32_byte_planes(float scale, __m128i* planes) {
+    static const __m128 kCodes[4] = {_mm_setr_ps(kNF4[0], kNF4[1], kNF4[2], kNF4[3]),
+                                     _mm_setr_ps(kNF4[4], kNF4[5], kNF4[6], kNF4[7]),
+                                     _mm_setr_ps(kNF4[8], kNF4[9], kNF4[10], kNF4[11]),
+                                     _mm_setr_ps(kNF4[12], kNF4[13], kNF4[14], kNF4[15])};
+    // gathers byte k of each of the 4 floats of a vector into dword k
+    const __m128i by_byte = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m128 s = _mm_set1_ps(scale);
+    __m128i r[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm_shuffle_epi8(_mm_castps_si128(_mm_mul_ps(kCodes[i], s)), by_byte);
+    // 4x4 dword transpose: plane k = byte k of values 0..15
+    const __m128i a = _mm_unpacklo_epi32(r[0], r[1]), b = _mm_unpacklo_epi32(r[2], r[3]);
+    const __m128i c = _mm_unpackhi_epi32(r[0], r[1]), d = _mm_unpackhi_epi32(r[2], r[3]);
+    planes[0] = _mm_unpacklo_epi64(a, b);
+    planes[1] = _mm_unpackhi_epi64(a, b);
+    planes[2] = _mm_unpacklo_epi64(c, d);
+    planes[3] = _mm_unpackhi_epi64(c, d);
+}
+
+// Byte planes of `table`, or, when it is null, computed in registers from a finite `scale`
+// (fp32 and bf16 outputs only).
+template <typename T>
+__attribute__((target("ssse3"))) inline void byte_planes(float scale, const T* table, __m128i* planes) {
+    constexpr int kWidth = sizeof(T);
+    if (table != nullptr) {
+        alignas(16) uint8_t plane_bytes[kWidth][kNF4Codes];
+        const uint8_t* table_bytes = reinterpret_cast<const uint8_t*>(table);
+        for (int c = 0; c < kNF4Codes; ++c)
+            for (int k = 0; k < kWidth; ++k) plane_bytes[k][c] = table_bytes[c * kWidth + k];
+        for (int k = 0; k < kWidth; ++k) planes[k] = _mm_load_si128(reinterpret_cast<const __m128i*>(plane_bytes[k]));
+    } else if constexpr (std::is_same_v<T, float>) {
+        fp32_byte_planes(scale, planes);
+    } else if constexpr (std::is_same_v<T, Bf16>) {
+        // bf16 = the top two bytes of the fp32 after round-to-nearest-even on the bits
+        // (finite values only: no NaN payload to preserve)
+        __m128i fp32[4];
+        fp32_byte_planes(scale, fp32);
+        const __m128i word0 = _mm_unpacklo_epi8(fp32[0], fp32[1]), word1 = _mm_unpacklo_epi8(fp32[2], fp32[3]);
+        const __m128i word2 = _mm_unpackhi_epi8(fp32[0], fp32[1]), word3 = _mm_unpackhi_epi8(fp32[2], fp32[3]);
+        // back to 16 u32 values (order 0-3, 4-7, 8-11, 12-15), round, keep bytes 2 and 3
+        __m128i u[4] = {_mm_unpacklo_epi16(word0, word1), _mm_unpackhi_epi16(word0, word1),
+                        _mm_unpacklo_epi16(word2, word3), _mm_unpackhi_epi16(word2, word3)};
+        const __m128i bias = _mm_set1_epi32(0x7FFF), one = _mm_set1_epi32(1);
+        const __m128i top = _mm_setr_epi8(2, 6, 10, 14, 3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+        for (auto& v : u) {
+            v = _mm_add_epi32(v, _mm_add_epi32(bias, _mm_and_si128(_mm_srli_epi32(v, 16), one)));
+            v = _mm_shuffle_epi8(v, top);  // low qword: byte 2 of each, then byte 3 of each
+        }
+        const __m128i lo01 = _mm_unpacklo_epi32(u[0], u[1]), lo23 = _mm_unpacklo_epi32(u[2], u[3]);
+        planes[0] = _mm_unpacklo_epi64(lo01, lo23);
+        planes[1] = _mm_unpackhi_epi64(lo01, lo23);
+    }
+}
+
+// Dequantizes `nbytes` (a multiple of 16) packed bytes of one block.
+template <typename T>
+__attribute__((target("ssse3"))) void dequantize_run_ssse3(const uint8_t* src, int64_t nbytes, float scale,
+                                                           const T* table, T* dst) {
+    constexpr int kWidth = sizeof(T);
+    __m128i planes[kWidth];
+    byte_planes(scale, table, planes);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    uint8_t* out = reinterpret_cast<uint8_t*>(dst);
+    for (int64_t j = 0; j < nbytes; j += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble), lo = _mm_and_si128(v, nibble);
+        // element 2i is the high nibble of byte i
+        lookup_store<kWidth>(_mm_unpacklo_epi8(hi, lo), planes, out + 2 * j * kWidth);
+        lookup_store<kWidth>(_mm_unpackhi_epi8(hi, lo), planes, out + (2 * j + 16) * kWidth);
+    }
+}
+
+// AVX2, bf16 output (the usual compute dtype): the 16 table values are computed and rounded
+// 8 at a time, and each iteration turns 32 packed bytes (64 elements) into 4 stores.
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+
+__attribute__((target("avx2"))) void dequantize_run_avx2_bf16(const uint8_t* src, int64_t nbytes, float scale,
+                                                              Bf16* dst) {
+    const __m256 s = _mm256_set1_ps(scale);
+    __m256i u[2] = {
+        _mm256_castps_si256(_mm256_mul_ps(_mm256_setr_ps(kNF4[0], kNF4[1], kNF4[2], kNF4[3], kNF4[4], kNF4[5],
+                                                         kNF4[6], kNF4[7]), s)),
+        _mm256_castps_si256(_mm256_mul_ps(_mm256_setr_ps(kNF4[8], kNF4[9], kNF4[10], kNF4[11], kNF4[12],
+                                                         kNF4[13], kNF4[14], kNF4[15]), s))};
+    const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    for (auto& v : u)  // round to nearest even on the bits (finite values), keep the top half
+        v = _mm256_srli_epi32(_mm256_add_epi32(v, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(v, 16), one))), 16);
+    // 16 bf16 in order, then split into a low-byte and a high-byte plane
+    const __m256i values = _mm256_permute4x64_epi64(_mm256_packus_epi32(u[0], u[1]), 0xD8);
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i planes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(values, split), 0xD8);
+    const __m256i lo_plane = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(planes));
+    const __m256i hi_plane = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(planes, 1));
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (int64_t j = 0; j < nbytes; j += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), lo = _mm256_and_si256(v, nibble);
+        // per 128-bit lane: codes of elements 0-15 | 32-47 and 16-31 | 48-63
+        __m256i first[2], second[2];
+        const __m256i codes[2] = {_mm256_unpacklo_epi8(hi, lo), _mm256_unpackhi_epi8(hi, lo)};
+        for (int k = 0; k < 2; ++k) {
+            const __m256i l = _mm256_shuffle_epi8(lo_plane, codes[k]), h = _mm256_shuffle_epi8(hi_plane, codes[k]);
+            first[k] = _mm256_unpacklo_epi8(l, h);
+            second[k] = _mm256_unpackhi_epi8(l, h);
+        }
+        __m256i* out = reinterpret_cast<__m256i*>(dst + 2 * j);
+        _mm256_storeu_si256(out, _mm256_permute2x128_si256(first[0], second[0], 0x20));
+        _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(first[1], second[1], 0x20));
+        _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(first[0], second[0], 0x31));
+        _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(first[1], second[1], 0x31));
+    }
+}
+#endif
+
 template <typename T>
 void dequantize_blocks(const uint8_t* packed, const float* absmax, const NestedAbsmax& nested, int64_t n,
                        int64_t blocksize, T* out, int64_t first, int64_t last) {
+    static_assert(sizeof(T) == 2 || sizeof(T) == 4, "16- or 32-bit outputs");
     T table[kNF4Codes];
     for (int64_t b = first; b < last; ++b) {
         // The 16 possible outputs of this block, each NF4[c] * absmax rounded once, exactly
-        // the value an element-wise computation gives; the loop below is then pure lookup.
+        // the value an element-wise computation gives; the loops below are pure lookup.
         const float scale = block_absmax(absmax, nested, b);
-        for (int c = 0; c < kNF4Codes; ++c) store(table, c, kNF4[c] * scale);
         const int64_t start = b * blocksize;
         const int64_t len = std::min(blocksize, n - start);
+        const int64_t pairs = len / 2;
         const uint8_t* src = packed + start / 2;
         T* dst = out + start;
-        const int64_t pairs = len / 2;
-        for (int64_t i = 0; i < pairs; ++i) {
+        // fp32 / bf16 tables of a finite scale are built in SIMD registers; the rest (fp16,
+        // NaN / Inf from a corrupted checkpoint, the tail of a partial block) from `table`
+        [[maybe_unused]] const bool register_table = !std::is_same_v<T, Fp16> && std::isfinite(scale);
+        bool table_ready = false;
+        const auto fill_table = [&] {
+            if (!table_ready)
+                for (int c = 0; c < kNF4Codes; ++c) store(table, c, kNF4[c] * scale);
+            table_ready = true;
+        };
+        int64_t done = 0;  // pairs (bytes) already written
+#if defined(__x86_64__)
+        if constexpr (std::is_same_v<T, Bf16>) {
+            if (kHasAvx2 && register_table && pairs >= 32) {
+                done = pairs & ~int64_t{31};
+                dequantize_run_avx2_bf16(src, done, scale, dst);
+            }
+        }
+        if (kHasSsse3 && pairs - done >= 16) {
+            const int64_t run = (pairs - done) & ~int64_t{15};
+            if (!register_table) fill_table();
+            dequantize_run_ssse3(src + done, run, scale, register_table ? nullptr : table, dst + 2 * done);
+            done += run;
+        }
+#endif
+        if (done < pairs || len % 2) fill_table();
+        for (int64_t i = done; i < pairs; ++i) {
             const uint8_t byte = src[i];
             dst[2 * i] = table[byte >> 4];
             dst[2 * i + 1] = table[byte & 0xF];

@@ -115,3 +115,12 @@ def test_cuda_dequantize_unaligned_output_and_input():
     shifted.copy_(packed)
     out = ops.nf4_dequantize(shifted, absmax, None, None, None, 64, 256, [w.numel()], torch.bfloat16)
     assert torch.equal(out.cpu(), R.nf4_dequantize(packed.cpu(), absmax.cpu(), 64, [w.numel()], torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_non_finite_absmax_from_a_corrupted_checkpoint_matches_reference(dtype):
+    packed, absmax = ops.nf4_quantize_blocks(weight(64 * 6 + 10), 64)
+    absmax[1], absmax[3], absmax[6] = float("nan"), float("inf"), float("-inf")
+    out = ops.nf4_dequantize(packed, absmax, None, None, None, 64, 256, [packed.numel() * 2], dtype)
+    want = R.nf4_dequantize(packed, absmax, 64, [packed.numel() * 2], dtype)
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
