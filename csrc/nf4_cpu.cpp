@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -54,27 +55,105 @@ inline void store(float* out, int64_t i, float v) { out[i] = v; }
 inline void store(Bf16* out, int64_t i, float v) { out[i].v = float_to_bf16(v); }
 inline void store(Fp16* out, int64_t i, float v) { out[i].v = float_to_fp16(v); }
 
+// max |x| that propagates NaN (as torch.amax does): a weight with a NaN anywhere gets a NaN
+// absmax, so callers can refuse it from the small absmax tensor alone.
+inline float nan_abs_max(float m, float x) {
+    const float a = std::fabs(x);
+    return (a > m || a != a) ? a : m;
+}
+
+// Codes of x * factor (or x / factor when kDivide), clamped to [-1, 1].
+template <bool kDivide>
+void nf4_codes_scalar(const float* x, int64_t len, float factor, uint8_t* codes) {
+    for (int64_t i = 0; i < len; ++i) {
+        const float scaled = kDivide ? x[i] / factor : x[i] * factor;
+        codes[i] = nf4_code_of(std::min(1.0f, std::max(-1.0f, scaled)));
+    }
+}
+
+float block_absmax_scalar(const float* x, int64_t len) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < len; ++i) amax = nan_abs_max(amax, x[i]);
+    return amax;
+}
+
+#if defined(__x86_64__)
+// SIMD paths are picked at run time, so one build runs on any x86-64 CPU (scalar otherwise).
+const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+
+__attribute__((target("avx2"))) float block_absmax_avx2(const float* x, int64_t len) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, amax);
+    float result = block_absmax_scalar(x + i, len - i);
+    for (float lane : lanes) result = std::max(result, lane);
+    return _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN() : result;
+}
+
+// 8 codes per step: the code is the number of midpoints below the scaled value, counted with
+// 15 vector compares (ordered >, so a value on a midpoint takes the lower code, like the
+// scalar path and torch.bucketize).
+template <bool kDivide>
+__attribute__((target("avx2"))) void nf4_codes_avx2(const float* x, int64_t len, float factor, uint8_t* codes) {
+    __m256 mid[kNF4Codes - 1];
+    for (int j = 0; j < kNF4Codes - 1; ++j) mid[j] = _mm256_set1_ps(kMid.m[j]);
+    const __m256 f = _mm256_set1_ps(factor), lo = _mm256_set1_ps(-1.0f), hi = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 scaled = _mm256_min_ps(_mm256_max_ps(kDivide ? _mm256_div_ps(v, f) : _mm256_mul_ps(v, f), lo), hi);
+        __m256i count = _mm256_setzero_si256();
+        for (int j = 0; j < kNF4Codes - 1; ++j)  // a true compare is all ones, i.e. -1
+            count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps(scaled, mid[j], _CMP_GT_OQ)));
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(count), _mm256_extracti128_si256(count, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+    }
+    nf4_codes_scalar<kDivide>(x + i, len - i, factor, codes + i);
+}
+#endif
+
+float block_absmax_of(const float* x, int64_t len) {
+#if defined(__x86_64__)
+    if (kHasAvx2) return block_absmax_avx2(x, len);
+#endif
+    return block_absmax_scalar(x, len);
+}
+
+template <bool kDivide>
+void nf4_codes(const float* x, int64_t len, float factor, uint8_t* codes) {
+#if defined(__x86_64__)
+    if (kHasAvx2) return nf4_codes_avx2<kDivide>(x, len, factor, codes);
+#endif
+    nf4_codes_scalar<kDivide>(x, len, factor, codes);
+}
+
 template <typename T>
 void quantize_blocks(const T* A, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax, int64_t first,
                      int64_t last) {
+    float x[4096];
     uint8_t codes[4096];
     for (int64_t b = first; b < last; ++b) {
         const int64_t start = b * blocksize;
         const int64_t len = std::min(blocksize, n - start);
-        float amax = 0.0f;
-        for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(to_float(A[start + i])));
+        for (int64_t i = 0; i < len; ++i) x[i] = to_float(A[start + i]);
+        const float amax = block_absmax_of(x, len);
         const float clamped = std::max(amax, kMinAbsmax);
         if (len == blocksize) {
             // full block: multiply by the reciprocal (bitsandbytes' rule for full blocks)
             absmax[b] = amax;
-            const float inv = 1.0f / clamped;
-            for (int64_t i = 0; i < len; ++i)
-                codes[i] = nf4_code_of(std::min(1.0f, std::max(-1.0f, to_float(A[start + i]) * inv)));
+            nf4_codes<false>(x, len, 1.0f / clamped, codes);
         } else {
             // last partial block: true division, and the clamped absmax is what is stored
-            absmax[b] = clamped;
-            for (int64_t i = 0; i < len; ++i)
-                codes[i] = nf4_code_of(std::min(1.0f, std::max(-1.0f, to_float(A[start + i]) / clamped)));
+            absmax[b] = amax != amax ? amax : clamped;
+            nf4_codes<true>(x, len, clamped, codes);
         }
         uint8_t* dst = packed + start / 2;
         const int64_t pairs = len / 2;
@@ -91,9 +170,7 @@ inline float block_absmax(const float* absmax, const NestedAbsmax& nested, int64
 
 #if defined(__x86_64__)
 // SSSE3 lookup: the block's 16 possible outputs are split into byte planes (plane k holds
-// byte k of each value) and pshufb picks 16 of them per instruction. Every x86-64 CPU since
-// 2008 has SSSE3; the check below keeps the scalar loop for the rest.
-const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+// byte k of each value) and pshufb picks 16 of them per instruction.
 
 template <int kWidth>
 __attribute__((target("ssse3"))) inline void lookup_store(__m128i codes, const __m128i* planes, uint8_t* dst) {
@@ -189,7 +266,6 @@ __attribute__((target("ssse3"))) void dequantize_run_ssse3(const uint8_t* src, i
 
 // AVX2, bf16 output (the usual compute dtype): the 16 table values are computed and rounded
 // 8 at a time, and each iteration turns 32 packed bytes (64 elements) into 4 stores.
-const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 
 __attribute__((target("avx2"))) void dequantize_run_avx2_bf16(const uint8_t* src, int64_t nbytes, float scale,
                                                               Bf16* dst) {

@@ -33,6 +33,10 @@ constexpr int kDequantUnroll = 4;
 // Grid-stride loops let any n run under this grid size (far below CUDA's 2^31 - 1 limit).
 constexpr int64_t kMaxGrid = int64_t{1} << 20;
 
+// max |x| that propagates NaN (fmaxf drops it), as torch.amax does: a block holding a NaN
+// gets a NaN absmax, which is how callers detect and refuse such a weight.
+__device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 unsigned grid_for(int64_t work_items) {
@@ -163,11 +167,11 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < kPerThread; ++k) {
             const int64_t i = start + int64_t{k} * kGroup;
             x[k] = i < n ? to_float(A[i]) : 0.0f;
-            local_absmax = fmaxf(local_absmax, fabsf(x[k]));
+            local_absmax = nan_max(local_absmax, fabsf(x[k]));
         }
 #pragma unroll
         for (int offset = 16; offset > 0; offset /= 2)
-            local_absmax = fmaxf(local_absmax, __shfl_xor_sync(0xffffffffu, local_absmax, offset));
+            local_absmax = nan_max(local_absmax, __shfl_xor_sync(0xffffffffu, local_absmax, offset));
         float block_absmax = local_absmax;
         if constexpr (kWarpsPerGroup > 1) {
             if (threadIdx.x % 32 == 0) warp_absmax[warp] = local_absmax;
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
             block_absmax = warp_absmax[group * kWarpsPerGroup];
 #pragma unroll
             for (int w = 1; w < kWarpsPerGroup; ++w)
-                block_absmax = fmaxf(block_absmax, warp_absmax[group * kWarpsPerGroup + w]);
+                block_absmax = nan_max(block_absmax, warp_absmax[group * kWarpsPerGroup + w]);
             // the next tile overwrites warp_absmax
             __syncthreads();
         }
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(kThreads)
         // bitsandbytes scales full blocks by a reciprocal but divides the partial last block,
         // and stores the clamped absmax only for that last block.
         const bool partial = (block + 1) * BLOCKSIZE > n;
-        const float clamped = fmaxf(block_absmax, kMinAbsmax);
+        const float clamped = block_absmax != block_absmax ? block_absmax : fmaxf(block_absmax, kMinAbsmax);
         const float inv = __frcp_rn(clamped);
         if (rank == 0 && block < nblocks) absmax[block] = partial ? clamped : block_absmax;
 

@@ -124,3 +124,17 @@ def test_dequantize_non_finite_absmax_from_a_corrupted_checkpoint_matches_refere
     out = ops.nf4_dequantize(packed, absmax, None, None, None, 64, 256, [packed.numel() * 2], dtype)
     want = R.nf4_dequantize(packed, absmax, 64, [packed.numel() * 2], dtype)
     torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("n", [64 * 5, 64 * 5 + 7])
+def test_absmax_propagates_nan_and_inf_like_torch_amax(n, device):
+    # the public quantize refuses non-finite weights from absmax alone
+    for pos in (3, 64 * 2 + 5, n - 1):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            w = weight(n).to(device)
+            w[pos] = bad
+            _, absmax = ops.nf4_quantize_blocks(w, 64)
+            _, ref_absmax = R.nf4_quantize_blocks(w.cpu(), 64)
+            torch.testing.assert_close(absmax.cpu(), ref_absmax, rtol=0, atol=0, equal_nan=True)
+            assert not torch.isfinite(absmax[pos // 64])

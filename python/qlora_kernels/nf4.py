@@ -101,11 +101,12 @@ def nf4_quantize(
     _check_float_tensor("weight", weight)
     reference.check_blocksize(blocksize)
     _check_storage(quant_storage)
-    if weight.numel() and not bool(torch.isfinite(weight).all()):
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"weight has {bad} NaN/Inf value(s); refusing to quantize it")
     weight = weight.detach()
     packed_u8, absmax = ops.nf4_quantize_blocks(weight, blocksize)
+    # absmax is NaN / Inf exactly when its block holds one: a check of 1/blocksize the size
+    if absmax.numel() and not bool(torch.isfinite(absmax).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"weight has {bad} NaN/Inf value(s); refusing to quantize it")
     packed = view_as_storage(packed_u8, quant_storage)
     code = reference.nf4_code(weight.device)
     state = NF4QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, code=code)
