@@ -32,12 +32,15 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['op'].split()[0]}\n{'x'.join(map(str, r['shape']))}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["ratio"] for r in rows], color="tab:blue")
+    labels = [f"{r['op'].split()[0].replace('nf4_', '')}\n{'x'.join(map(str, r['shape']))}" for r in rows]
+    ops = sorted({r["op"] for r in rows})
+    colors = [f"C{ops.index(r['op'])}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows], color=colors)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("speed-up vs baseline (x)")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("speed-up vs baseline (x, log)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
