@@ -82,3 +82,42 @@ def test_from_bnb_shares_bytes_and_gives_the_same_logits(tmp_path):
     _assert_same_bytes(_weights(model), bnb_sd)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def test_bad_checkpoint_leaves_the_whole_model_untouched():
+    model = tiny_llama()
+    qk.quantize_model(model, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in sd:  # new values for every layer, and the last NF4 weight truncated
+        if k.endswith("proj.weight") or k.endswith("norm.weight"):
+            sd[k] = sd[k].flip(0)
+    sd["model.layers.1.mlp.down_proj.weight.absmax"] = sd["model.layers.1.mlp.down_proj.weight.absmax"][:-3]
+    with pytest.raises(ValueError, match="down_proj.weight.*'absmax'"):
+        model.load_state_dict(sd)
+    _assert_same_bytes(_weights(model), before)
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom"])
+def test_opt_and_bloom_round_trip_through_stock_bitsandbytes(tmp_path, family):
+    from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if family == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
+    else:
+        model = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4,
+                                             hidden_dropout=0.0, attention_dropout=0.0))
+    qk.quantize_model(model, compute_dtype=torch.float32, progress=False)
+    assert sum(isinstance(m, qk.NF4Linear) for m in model.modules()) == 2 * (6 if family == "opt" else 4)
+    ids = torch.randint(0, 256, (2, 10))
+    model.train()  # dropout is 0: train mode is the plain path (see the note at the top)
+    with torch.no_grad():
+        ours = model(ids).logits
+    model.save_pretrained(tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu").train()
+    _assert_same_bytes(_weights(stock), _weights(model))
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, ours)

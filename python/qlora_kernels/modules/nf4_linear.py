@@ -134,3 +134,20 @@ class NF4Linear(nn.Module):
             f"blocksize={s.blocksize}, double_quant={s.double_quant}, quant_storage={self.quant_storage}, "
             f"compute_dtype={self.compute_dtype}"
         )
+
+
+def check_nf4_entries(module: nn.Module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook for a model holding NF4Linear layers: checks every NF4
+    weight's entries before any layer loads, so a bad checkpoint leaves the model untouched
+    (torch loads module by module and would otherwise stop half-way)."""
+    for name, layer in module.named_modules():
+        key = f"{prefix}{name}.weight" if name else f"{prefix}weight"
+        if isinstance(layer, NF4Linear) and key in state_dict:
+            weight_from_state_dict(state_dict, key, (layer.out_features, layer.in_features))
+
+
+def guard_model_loading(model: nn.Module) -> None:
+    """Install `check_nf4_entries` on `model` once."""
+    if not getattr(model, "_qlora_kernels_load_guard", False):
+        model.register_load_state_dict_pre_hook(check_nf4_entries)
+        model._qlora_kernels_load_guard = True

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modules import NF4Linear
+from ..modules.nf4_linear import guard_model_loading
 from ..nf4 import NF4QuantState
 
 DEFAULT_SKIP = ("lm_head",)
@@ -38,12 +39,14 @@ def quantize_model(
 
     For a transformers model the config gets the matching `BitsAndBytesConfig`, so
     `save_pretrained` writes a checkpoint that stock transformers + bitsandbytes load.
+    Loading a state dict into the model checks every NF4 entry before any layer changes.
     Returns the model.
     """
     skip = tuple(DEFAULT_SKIP) + tuple(skip_modules)
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)]
     for name, linear in tqdm(targets, desc="nf4 quantize", unit="layer", disable=not progress or not targets):
         _set_submodule(model, name, NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype, quant_storage))
+    guard_model_loading(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.quantization_config = _bnb_config(blocksize, double_quant, compute_dtype, quant_storage, skip)
@@ -77,6 +80,7 @@ def from_bnb(model: nn.Module, progress: bool = True) -> nn.Module:
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     for name, layer in tqdm(targets, desc="from bitsandbytes", unit="layer", disable=not progress or not targets):
         _set_submodule(model, name, _from_linear4bit(name, layer))
+    guard_model_loading(model)
     return model
 
 
