@@ -1,7 +1,7 @@
 // Native NF4 entry points. No torch headers: callers pass raw pointers, element counts, a
 // dtype tag and (CUDA) a stream handle, so the module works with any torch version.
 //
-// Semantics are those of python/qlora_kernels/reference.py, bit for bit.
+// Semantics are those of python/qlora_kernels/reference/nf4.py, bit for bit.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // CUDA NF4 kernels: blockwise NF4 quantize / dequantize and the 8-bit blockwise quantize of
-// double quant. Semantics are python/qlora_kernels/reference.py bit for bit, so every fp32
+// double quant. Semantics are python/qlora_kernels/reference/nf4.py bit for bit, so every fp32
 // operation is an explicitly rounded intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn, __frcp_rn):
 // nvcc may not contract them into FMAs, and bitsandbytes rounds each step on its own.
 //

@@ -1,4 +1,4 @@
-"""Every NF4 kernel against reference.py, bit for bit: C++ (CPU), CUDA (GPU only)."""
+"""Every NF4 kernel against reference/nf4.py, bit for bit: C++ (CPU), CUDA (GPU only)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""reference.py against bitsandbytes itself (CPU backend): the spec must be the format."""
+"""reference/nf4.py against bitsandbytes itself (CPU backend): the spec must be the format."""
 
 import bitsandbytes.functional as F
 import pytest

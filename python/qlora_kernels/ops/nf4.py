@@ -1,5 +1,5 @@
 """NF4 storage ops. The default implementation of each op is its meaning in
-`reference.py`; backends register faster per-device kernels over it."""
+`reference/nf4.py`; backends register faster per-device kernels over it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch meaning of every qlora_kernels op: the executable spec.
+"""NF4 storage: the plain-PyTorch meaning of the NF4 ops.
 
 Every kernel (C++, CUDA, Triton) is tested against these functions, and they are the
 fallback when a native backend is missing. They follow bitsandbytes' arithmetic step by
