@@ -10,6 +10,10 @@
 
 namespace py = pybind11;
 
+// Each op family binds its own functions (bindings_<family>.cpp).
+void bind_attention(py::module_& m);
+void bind_lora(py::module_& m);
+
 namespace {
 
 template <typename T>
@@ -115,4 +119,6 @@ PYBIND11_MODULE(_C, m) {
     build["cuda_runtime"] = std::string("");
 #endif
     m.attr("build_info") = build;
+    bind_attention(m);
+    bind_lora(m);
 }

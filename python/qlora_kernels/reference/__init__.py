@@ -4,6 +4,7 @@ Every kernel (C++, CUDA, Triton) is tested against these functions, and they are
 implementation of each registered op. One module per op family.
 """
 
+from . import attention, lora
 from .nf4 import (
     ALLOWED_BLOCKSIZES,
     DYNAMIC_LUT_SIZE,
@@ -22,6 +23,8 @@ from .nf4 import (
 )
 
 __all__ = [
+    "attention",
+    "lora",
     "ALLOWED_BLOCKSIZES",
     "DYNAMIC_LUT_SIZE",
     "NESTED_BLOCKSIZE",
