@@ -1,0 +1,83 @@
+"""`qlora_kernels.lora_linear`: base + LoRA in one pass, dense or NF4 base, fwd and bwd."""
+
+from __future__ import annotations
+
+import torch
+
+from .modules import NF4Linear
+from .nf4 import NF4QuantState, check_packed
+from .ops import lora as ops
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _nf4_args(packed: torch.Tensor, state: NF4QuantState):
+    check_packed(packed, state)
+    flat = packed.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+    return (None, flat, state.absmax, state.nested_absmax, state.nested_code, state.offset, state.blocksize,
+            state.nested_blocksize)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ in one pass (PEFT's `lora.Linear` forward).
+
+    `weight`: a dense [out, in] tensor (frozen), an `NF4Linear`, or `(packed, NF4QuantState)`.
+    `lora_A` [r, in], `lora_B` [out, r] as PEFT stores them; `scaling` is alpha / r (or
+    alpha / sqrt(r) for rsLoRA). Dropout (only when `training` and `dropout_p` > 0) is drawn
+    in-kernel from a seed taken from torch's default generator, so `torch.manual_seed` makes
+    it reproducible. Computes in x's dtype with fp32 accumulation; gradients flow to x, bias,
+    lora_A and lora_B, never to the base weight.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+        raise ValueError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if isinstance(weight, NF4Linear):
+        weight = (weight.weight, weight.quant_state)
+    if isinstance(weight, tuple):
+        packed, state = weight
+        out_features, in_features = state.shape
+        weight_args = _nf4_args(packed, state)
+        device = packed.device
+    elif isinstance(weight, torch.Tensor):
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [out_features, in_features], got {tuple(weight.shape)}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("lora_linear trains only the adapter: the base weight must be frozen (requires_grad=False)")
+        out_features, in_features = weight.shape
+        weight_args = (weight.to(x.dtype).contiguous(), None, None, None, None, None, 0, 0)
+        device = weight.device
+    else:
+        raise TypeError(f"weight must be a tensor, an NF4Linear or (packed, NF4QuantState), got {type(weight).__name__}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
+    rank = lora_A.shape[0]
+    if lora_A.shape != (rank, in_features) or lora_B.shape != (out_features, rank):
+        raise ValueError(f"lora_A must be [r, {in_features}] and lora_B [{out_features}, r]; got "
+                         f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if not 1 <= rank <= 256:
+        raise ValueError(f"rank {rank} is not supported (1..256)")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias must be [{out_features}], got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the weight on {device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    p = float(dropout_p) if training else 0.0
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
+    dtype = x.dtype
+    x2d = x.reshape(-1, in_features).contiguous()
+    y, _ = ops.lora_linear_fwd(
+        x2d, *weight_args, out_features, None if bias is None else bias.to(dtype), lora_A.to(dtype).contiguous(),
+        lora_B.to(dtype).contiguous(), float(scaling), p, seed,
+    )
+    return y.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,104 @@
+"""Fused LoRA linear ops: forward (y, xa) and backward (dx, dA, dB, dbias), with autograd.
+
+y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ on 2-D x [M, K]; W is dense (`weight`) or NF4
+(`packed`, `absmax`, optional double-quant tensors, `blocksize`, ...). The dropout keep mask
+is drawn from `seed` by each backend and drawn again in backward, never stored; xa =
+dropout(x)·Aᵀ [M, r] is returned and saved for dB. No gradient flows to W.
+The default implementation is `reference.lora` (it materializes W; backends/ register the
+tiled CPU path and the Triton kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference import lora as ref
+from ..reference import nf4 as ref_nf4
+
+
+def keep_mask_cpu(seed: int, dropout_p: float, M: int, K: int, device) -> Tensor:
+    """The keep mask of the CPU and reference paths: torch's generator seeded with `seed`."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.rand((M, K), generator=gen) >= dropout_p).to(device)
+
+
+def dense_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                 out_features, in_features, dtype) -> Tensor:
+    if weight is not None:
+        return weight
+    return ref_nf4.nf4_dequantize(packed, absmax, blocksize, (out_features, in_features), dtype, nested_absmax,
+                                  nested_code, offset, nested_blocksize)
+
+
+@torch.library.custom_op("qlora_kernels::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: Tensor, weight: Tensor | None, packed: Tensor | None, absmax: Tensor | None, nested_absmax: Tensor | None,
+    nested_code: Tensor | None, offset: Tensor | None, blocksize: int, nested_blocksize: int, out_features: int,
+    bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor]:
+    M, K = x.shape
+    W = dense_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                     out_features, K, x.dtype)
+    keep = keep_mask_cpu(seed, dropout_p, M, K, x.device) if dropout_p > 0 else None
+    y = ref.lora_linear(x, W, bias, lora_A, lora_B, scaling, keep, dropout_p)
+    dropped = x if keep is None else x * keep / (1.0 - dropout_p)
+    xa = (dropped.float() @ lora_A.float().t()).to(x.dtype)
+    return y, xa
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
+      bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("qlora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor | None, packed: Tensor | None, absmax: Tensor | None,
+    nested_absmax: Tensor | None, nested_code: Tensor | None, offset: Tensor | None, blocksize: int,
+    nested_blocksize: int, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float, seed: int, xa: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    M, K = x.shape
+    W = dense_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                     dy.shape[1], K, x.dtype).float()
+    keep = keep_mask_cpu(seed, dropout_p, M, K, x.device) if dropout_p > 0 else None
+    dyf, xf, A, B = dy.float(), x.float(), lora_A.float(), lora_B.float()
+    dyb = dyf @ B
+    dlow = scaling * (dyb @ A)
+    if keep is not None:
+        dlow = dlow * keep / (1.0 - dropout_p)
+    dropped = xf if keep is None else xf * keep / (1.0 - dropout_p)
+    dx = dyf @ W + dlow
+    dA = scaling * dyb.t() @ dropped
+    dB = scaling * dyf.t() @ xa.float()
+    return dx.to(x.dtype), dA.to(lora_A.dtype), dB.to(lora_B.dtype), dyf.sum(0).to(dy.dtype)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, lora_A,
+      lora_B, scaling, dropout_p, seed, xa):
+    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B), dy.new_empty((dy.shape[1],))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
+     bias, lora_A, lora_B, scaling, dropout_p, seed) = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa)
+    ctx.blocksize, ctx.nested_blocksize = blocksize, nested_blocksize
+    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, dxa):
+    x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa = ctx.saved_tensors
+    dx, dA, dB, dbias = lora_linear_bwd(
+        dy.contiguous(), x, weight, packed, absmax, nested_absmax, nested_code, offset, ctx.blocksize,
+        ctx.nested_blocksize, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, xa,
+    )
+    dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+    return dx, None, None, None, None, None, None, None, None, None, dbias, dA, dB, None, None, None
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
