@@ -8,14 +8,20 @@ nf4_dequantize(packed, state, dtype=None) -> tensor of state.shape.
 NF4Linear.from_linear(linear, ...)      frozen 4-bit linear, bitsandbytes state dict.
 quantize_model(model, ...)              nn.Linear -> NF4Linear (skips lm_head).
 from_bnb(model)                         bitsandbytes Linear4bit -> NF4Linear, bytes shared.
+flash_attention(q, k, v, *, causal=True, ...)  O(N)-memory attention, GQA, ALiBi, padding, packing.
+lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA.
+patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
+patch_lora(model) / unpatch_lora(model)             PEFT LoRA layers -> lora_linear.
 backends()                              what was compiled and what is usable here.
 """
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
+from .attention import flash_attention
 from .env import backends
+from .lora import lora_linear
 from .modules import NF4Linear
 from .nf4 import NF4QuantState, bits_per_parameter, nf4_dequantize, nf4_quantize
-from .patching import from_bnb, quantize_model
+from .patching import from_bnb, patch_attention, patch_lora, quantize_model, unpatch_attention, unpatch_lora
 
 __version__ = "0.1.0"
 
@@ -24,6 +30,12 @@ __all__ = [
     "NF4QuantState",
     "backends",
     "bits_per_parameter",
+    "flash_attention",
+    "lora_linear",
+    "patch_attention",
+    "patch_lora",
+    "unpatch_attention",
+    "unpatch_lora",
     "from_bnb",
     "nf4_dequantize",
     "nf4_quantize",
