@@ -73,7 +73,8 @@ def lora_linear(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
+    # a CPU tensor, not an int: no .item() sync and no graph break under torch.compile
+    seed = torch.randint(0, 2**31 - 1, (1,)) if p > 0 else torch.zeros(1, dtype=torch.int64)
     dtype = x.dtype
     x2d = x.reshape(-1, in_features).contiguous()
     y, _ = ops.lora_linear_fwd(

@@ -2,7 +2,8 @@
 
 y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ on 2-D x [M, K]; W is dense (`weight`) or NF4
 (`packed`, `absmax`, optional double-quant tensors, `blocksize`, ...). The dropout keep mask
-is drawn from `seed` by each backend and drawn again in backward, never stored; xa =
+is drawn from `seed` (a 1-element int64 CPU tensor, so tracing never reads it) by each
+backend and drawn again in backward, never stored; xa =
 dropout(x)·Aᵀ [M, r] is returned and saved for dB. No gradient flows to W.
 The default implementation is `reference.lora` (it materializes W; backends/ register the
 tiled CPU path and the Triton kernels).
@@ -35,12 +36,12 @@ def dense_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blo
 def lora_linear_fwd(
     x: Tensor, weight: Tensor | None, packed: Tensor | None, absmax: Tensor | None, nested_absmax: Tensor | None,
     nested_code: Tensor | None, offset: Tensor | None, blocksize: int, nested_blocksize: int, out_features: int,
-    bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float, seed: int,
+    bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
     M, K = x.shape
     W = dense_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                      out_features, K, x.dtype)
-    keep = keep_mask_cpu(seed, dropout_p, M, K, x.device) if dropout_p > 0 else None
+    keep = keep_mask_cpu(int(seed), dropout_p, M, K, x.device) if dropout_p > 0 else None
     y = ref.lora_linear(x, W, bias, lora_A, lora_B, scaling, keep, dropout_p)
     dropped = x if keep is None else x * keep / (1.0 - dropout_p)
     xa = (dropped.float() @ lora_A.float().t()).to(x.dtype)
@@ -57,12 +58,12 @@ def _(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, 
 def lora_linear_bwd(
     dy: Tensor, x: Tensor, weight: Tensor | None, packed: Tensor | None, absmax: Tensor | None,
     nested_absmax: Tensor | None, nested_code: Tensor | None, offset: Tensor | None, blocksize: int,
-    nested_blocksize: int, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float, seed: int, xa: Tensor,
+    nested_blocksize: int, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor, xa: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     M, K = x.shape
     W = dense_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                      dy.shape[1], K, x.dtype).float()
-    keep = keep_mask_cpu(seed, dropout_p, M, K, x.device) if dropout_p > 0 else None
+    keep = keep_mask_cpu(int(seed), dropout_p, M, K, x.device) if dropout_p > 0 else None
     dyf, xf, A, B = dy.float(), x.float(), lora_A.float(), lora_B.float()
     dyb = dyf @ B
     dlow = scaling * (dyb @ A)
@@ -85,17 +86,17 @@ def _setup_context(ctx, inputs, output):
     (x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
      bias, lora_A, lora_B, scaling, dropout_p, seed) = inputs
     _, xa = output
-    ctx.save_for_backward(x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa)
+    ctx.save_for_backward(x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa, seed)
     ctx.blocksize, ctx.nested_blocksize = blocksize, nested_blocksize
-    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy, dxa):
-    x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa = ctx.saved_tensors
+    x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa, seed = ctx.saved_tensors
     dx, dA, dB, dbias = lora_linear_bwd(
         dy.contiguous(), x, weight, packed, absmax, nested_absmax, nested_code, offset, ctx.blocksize,
-        ctx.nested_blocksize, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, xa,
+        ctx.nested_blocksize, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, xa,
     )
     dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
     return dx, None, None, None, None, None, None, None, None, None, dbias, dA, dB, None, None, None

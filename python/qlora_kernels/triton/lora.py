@@ -292,7 +292,7 @@ def _lora_dA_kernel(dyb_ptr, x_ptr, partial_ptr, M, K, r, lora_scale, seed, drop
                         mask=(m[None, :] < M) & (offs_r[:, None] < r), other=0.0)
         x_mask = (m[:, None] < M) & (offs_k[None, :] < K)
         if DROPOUT:
-            x_mask = x_mask | _dropout_keep(seed, m[:, None], offs_k[None, :], K, dropout_p)
+            x_mask = x_mask & _dropout_keep(seed, m[:, None], offs_k[None, :], K, dropout_p)
         x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + offs_k[None, :], mask=x_mask, other=0.0)
         acc = _dot(dyb_t, x, acc, UPCAST_DOT, DOT_PRECISION)
     tl.store(partial_ptr + (split * r + offs_r[:, None]).to(tl.int64) * K + offs_k[None, :], acc * lora_scale,
