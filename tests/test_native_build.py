@@ -18,7 +18,7 @@ def test_module_builds_and_reports():
     mod = _native.native()
     assert mod is not None, _native.native_error()
     report = qlora_kernels.backends()
-    assert report["native_module"] and report["ops"]["nf4_quantize"]["cpu"] == "C++"
+    assert report["native_module"] and report["ops"]["nf4_quantize_blocks"]["cpu"] == "C++"
 
 
 @pytest.mark.skipif(not _nvcc_available(), reason="no CUDA compiler on this machine")

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_env)
 
     p = sub.add_parser("bench", help="microbenchmarks vs what users run today; writes benchmarks/results/*.json")
-    p.add_argument("what", nargs="?", default="nf4", choices=["nf4", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["nf4", "lora", "attention", "all"])
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--out", default="benchmarks/results", help="folder for the results JSON")
     p.set_defaults(fn=_bench)

@@ -45,15 +45,22 @@ def backends() -> dict:
     if build["cuda"]:
         count, error = mod.cuda_device_count()
         report["cuda_devices_seen_by_kernels"] = count if count >= 0 else f"none ({error})"
-    cpu = "C++" if mod is not None else "reference (PyTorch)"
-    if build["cuda"]:
-        gpu = {"nf4_quantize": "CUDA", "nf4_dequantize": "CUDA", "quantize_blockwise_8bit": "CUDA"}
-    else:
-        triton_ok = report["triton"] is not None
-        gpu = {
-            "nf4_quantize": "reference (PyTorch)",
-            "nf4_dequantize": "Triton" if triton_ok else "reference (PyTorch)",
-            "quantize_blockwise_8bit": "reference (PyTorch)",
-        }
-    report["ops"] = {op: {"cpu": cpu, "cuda": gpu[op] if cuda_visible else f"{gpu[op]} (no GPU here)"} for op in gpu}
+    from .backends.common import REGISTERED
+
+    names = sorted(op._name for op in _all_ops())
+    here = "" if cuda_visible else " (no GPU here)"
+    report["ops"] = {
+        name: {"cpu": REGISTERED.get(name, {}).get("cpu", "reference (PyTorch)"),
+               "cuda": REGISTERED.get(name, {}).get("cuda", "reference (PyTorch)") + here}
+        for name in names
+    }
     return report
+
+
+def _all_ops():
+    from .ops import attention, lora, nf4
+
+    return [
+        nf4.nf4_quantize_blocks, nf4.nf4_dequantize, nf4.quantize_blockwise_8bit,
+        lora.lora_linear_fwd, lora.lora_linear_bwd, attention.flash_attention_fwd, attention.flash_attention_bwd,
+    ]

@@ -1,10 +1,23 @@
-"""What the native backends share: dtype tags and the 8-bit code table cache."""
+"""What the native backends share: registration (with a record for `backends()`), dtype
+tags and the 8-bit code table cache."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import reference
+
+# op name -> {device type -> implementation}, what `qlora_kernels.backends()` reports
+REGISTERED: dict[str, dict[str, str]] = {}
+
+
+def kernel(op, device: str, implementation: str):
+    """Register the decorated function as `op`'s kernel for `device` and record it."""
+    def register(fn):
+        op.register_kernel(device)(fn)
+        REGISTERED.setdefault(op._name, {})[device] = implementation
+        return fn
+    return register
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 

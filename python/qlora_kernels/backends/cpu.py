@@ -8,13 +8,13 @@ import torch
 
 from .._native import native
 from ..ops import nf4 as ops
-from .common import as_bytes, dtype_tag, dynamic_lut, nested_pointers
+from .common import as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
 
 _C = native()
 
 if _C is not None:
 
-    @ops.nf4_quantize_blocks.register_kernel("cpu")
+    @kernel(ops.nf4_quantize_blocks, "cpu", "C++")
     def _(weight: torch.Tensor, blocksize: int):
         weight = weight.contiguous()
         n = weight.numel()
@@ -26,7 +26,7 @@ if _C is not None:
         )
         return packed, absmax
 
-    @ops.nf4_dequantize.register_kernel("cpu")
+    @kernel(ops.nf4_dequantize, "cpu", "C++")
     def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
         packed = as_bytes(packed)
         tensors = [t.contiguous() if t is not None else None for t in (absmax, nested_absmax, nested_code, offset)]
@@ -39,7 +39,7 @@ if _C is not None:
         )
         return out
 
-    @ops.quantize_blockwise_8bit.register_kernel("cpu")
+    @kernel(ops.quantize_blockwise_8bit, "cpu", "C++")
     def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
         A = A.contiguous().float()
         out = torch.empty(A.shape, dtype=torch.uint8)

@@ -11,7 +11,7 @@ import torch
 
 from .._native import has_cuda_kernels, native
 from ..ops import nf4 as ops
-from .common import as_bytes, dtype_tag, dynamic_lut, nested_pointers
+from .common import as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
 
 _C = native()
 
@@ -22,7 +22,7 @@ def _stream(device: torch.device) -> int:
 
 if has_cuda_kernels():
 
-    @ops.nf4_quantize_blocks.register_kernel("cuda")
+    @kernel(ops.nf4_quantize_blocks, "cuda", "CUDA")
     def _(weight: torch.Tensor, blocksize: int):
         weight = weight.contiguous()
         n = weight.numel()
@@ -35,7 +35,7 @@ if has_cuda_kernels():
             )
         return packed, absmax
 
-    @ops.nf4_dequantize.register_kernel("cuda")
+    @kernel(ops.nf4_dequantize, "cuda", "CUDA")
     def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
         packed = as_bytes(packed)
         tensors = [t.contiguous() if t is not None else None for t in (absmax, nested_absmax, nested_code, offset)]
@@ -49,7 +49,7 @@ if has_cuda_kernels():
             )
         return out
 
-    @ops.quantize_blockwise_8bit.register_kernel("cuda")
+    @kernel(ops.quantize_blockwise_8bit, "cuda", "CUDA")
     def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
         A = A.contiguous().float()
         out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
@@ -63,7 +63,7 @@ if has_cuda_kernels():
 
 else:
 
-    @ops.nf4_dequantize.register_kernel("cuda")
+    @kernel(ops.nf4_dequantize, "cuda", "Triton")
     def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
         # imported on first use: `import qlora_kernels` stays free of triton's start-up cost
         from ..triton.nf4_dequant import nf4_dequantize_triton

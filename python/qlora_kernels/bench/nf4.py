@@ -69,5 +69,6 @@ def bench(device: torch.device, quick: bool, copy_gbps: float) -> list[dict]:
                 "ours_ms": round(ours_ms, 4), "baseline": "bitsandbytes", "baseline_ms": round(base_ms, 4),
                 "ratio": round(base_ms / ours_ms, 3), "ours_GBps": round(gbps, 1),
                 "pct_of_copy_bandwidth": round(100 * gbps / copy_gbps, 1),
+                "roofline": f"{gbps:.1f} GB/s, {100 * gbps / copy_gbps:.0f}% of copy",
             })
     return rows

@@ -10,19 +10,26 @@ from pathlib import Path
 import torch
 
 from ..env import backends
-from . import nf4
+from . import attention, lora, nf4
 from .timing import copy_bandwidth_gbps, device_name, slug
 
-SUITES = {"nf4": nf4.bench}
+SUITES = {"nf4": nf4.bench, "lora": lora.bench, "attention": attention.bench}
+
+
+def _shape(r: dict) -> str:
+    return "x".join(map(str, r["shape"])) if isinstance(r["shape"], list) else r["shape"]
+
+
+def _ms(value) -> str:
+    return f"{value:>9.3f}" if value is not None else f"{'-':>9}"
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'op':<30} {'shape':<12} {'ours ms':>9} {'bnb ms':>9} {'ratio':>7} {'GB/s':>8} {'% copy':>7}"
-    lines = [head, "-" * len(head)]
+    head = f"{'op':<34} {'shape':<32} {'ours ms':>9} {'base ms':>9} {'ratio':>7}  {'roofline / note'}"
+    lines = [head, "-" * (len(head) + 20)]
     for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        lines.append(f"{r['op']:<30} {shape:<12} {r['ours_ms']:>9.3f} {r['baseline_ms']:>9.3f} "
-                     f"{r['ratio']:>6.2f}x {r['ours_GBps']:>8.1f} {r['pct_of_copy_bandwidth']:>6.1f}%")
+        lines.append(f"{r['op']:<34} {_shape(r):<32} {_ms(r['ours_ms'])} {_ms(r['baseline_ms'])} "
+                     f"{r['ratio']:>6.2f}x  {r.get('roofline', '')}  [vs {r['baseline']}]")
     return "\n".join(lines)
 
 
@@ -32,7 +39,7 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['op'].split()[0].replace('nf4_', '')}\n{'x'.join(map(str, r['shape']))}" for r in rows]
+    labels = [f"{r['op'].replace('nf4_', '').replace('flash_attention', 'attn')}\n{_shape(r)}" for r in rows]
     ops = sorted({r["op"] for r in rows})
     colors = [f"C{ops.index(r['op'])}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4.5))
