@@ -137,8 +137,8 @@ def test_dropout_and_bias(dtype, has_bias, p):
 @pytest.mark.parametrize("blocksize", (32, 64))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 def test_nf4_blocks_aligned_with_rows(dtype, blocksize):
-    # K a multiple of the blocksize: W tiles take one absmax per row (blocksize >= the tile's
-    # K extent) or one per element (blocksize 32 below a 64-wide tile)
+    # K a multiple of the blocksize: a W tile loads one absmax per row when its K extent fits
+    # in a block, else one per element (the interpreter's forward tile is 64 wide along K)
     _run(6, 40, 96 if blocksize == 32 else 128, 16, dtype, "nf4_dq", True, 0.25, scaling=1.7, blocksize=blocksize)
 
 

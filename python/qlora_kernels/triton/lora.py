@@ -25,6 +25,9 @@ dtype. Tensor-core dots take operands in the compute dtype, so the rank-r interm
 (xa, dY · lora_B) are rounded to it before their dot, as PEFT's own fp16/bf16 path rounds
 them; `scaling` and 1 / (1 - p) multiply the fp32 accumulator. fp32 inputs use IEEE dots
 unless `torch.backends.cuda.matmul.allow_tf32` is set, as torch.matmul does.
+Kernels launch with `enable_fp_fusion=False`, as `nf4_dequant` does. The dequant's products
+are guarded by `_mul_rn` anyway; the flag fixes the epilogue's rounding to one choice across
+Triton 3.6 (fuses by default) and later versions (moving to no fusion, 3.9 warns).
 W element and absmax indices are int32 (W has < 2**31 elements: Llama's largest layer,
 lm_head 128256 × 8192, has 1.05G); activation offsets are int64.
 
@@ -53,17 +56,31 @@ _INTERPRETING = _interpreting()
 _MAX_RANK = 256
 # split-M partial sums for dA until about this many programs per SM are running
 _DA_PROGRAMS_PER_SM = 2
-# (BLOCK_M, BLOCK_N-or-K output, BLOCK reduction, num_stages, num_warps) for H100/H200.
-# The W tile's K extent stays <= 64 so that with blocksize >= 64 (QLoRA uses 64) each W row
-# in a tile shares one absmax: one absmax load per row instead of one per element.
-_GEMM_TILES = (
+# Tiles for H100/H200, (BLOCK_M, output BLOCK_N or BLOCK_K, reduction BLOCK_K or BLOCK_N,
+# num_stages, num_warps). W tiles span at most 64 along K so that with blocksize >= 64 (QLoRA
+# uses 64) and K a multiple of it, each W row of a tile has one absmax: one absmax load per
+# row instead of per element. With one absmax per element (blocksize 32, or K not a multiple
+# of the blocksize) the pipeliner stages every gathered operand in shared memory and the
+# larger tiles need more than an H100 has (up to 376 KB, compiled for sm_90); the autotuner
+# skips those (OutOfResources) and at least one tile per kernel fits in every case.
+_FORWARD_TILES = (
     (128, 128, 64, 3, 8),
     (128, 128, 32, 4, 8),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
 )
+# dx tiles are [BLOCK_M, BLOCK_K] with W's K extent = BLOCK_K, hence narrower outputs
+_DX_TILES = (
+    (128, 64, 128, 3, 8),
+    (128, 64, 64, 4, 4),
+    (64, 64, 128, 4, 4),
+    (64, 64, 64, 4, 4),
+)
 _INTERPRETER_TILE = (16, 32, 64, 1, 4)
+# The autotuner adds the tensors' dtypes itself; constexpr flags that change the kernel's
+# cost (dense or NF4, blocksize) must be named
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "r", "W_NF4", "blocksize"]
 
 
 class NF4State(NamedTuple):
@@ -89,11 +106,11 @@ class NF4State(NamedTuple):
     K: int
 
 
-def _gemm_configs(out_b: str, reduce_k: str) -> list[triton.Config]:
-    tiles = (_INTERPRETER_TILE,) if _INTERPRETING else _GEMM_TILES
+def _gemm_configs(tiles, out_name: str, reduce_name: str) -> list[triton.Config]:
+    tiles = (_INTERPRETER_TILE,) if _INTERPRETING else tiles
     return [
-        triton.Config({"BLOCK_M": bm, out_b: bn, reduce_k: bk}, num_stages=stages, num_warps=warps)
-        for bm, bn, bk, stages, warps in tiles
+        triton.Config({"BLOCK_M": bm, out_name: out, reduce_name: red}, num_stages=stages, num_warps=warps)
+        for bm, out, red, stages, warps in tiles
     ]
 
 
@@ -179,7 +196,7 @@ def _lora_xa_kernel(x_ptr, lora_A_ptr, xa_ptr, M, K, r, seed, dropout_p, dropout
              mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
 
 
-@triton.autotune(configs=_gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "r", "W_NF4", "blocksize"])
+@triton.autotune(configs=_gemm_configs(_FORWARD_TILES, "BLOCK_N", "BLOCK_K"), key=_AUTOTUNE_KEY)
 @triton.jit
 def _lora_forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                          code_ptr, bias_ptr, xa_ptr, lora_B_ptr, y_ptr, M, N, K, r, scaling, M_BUCKET,
@@ -224,7 +241,7 @@ def _lora_forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr
              mask=m_ok & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_gemm_configs("BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N", "K", "r", "W_NF4", "blocksize"])
+@triton.autotune(configs=_gemm_configs(_DX_TILES, "BLOCK_K", "BLOCK_N"), key=_AUTOTUNE_KEY)
 @triton.jit
 def _lora_dx_kernel(dy_ptr, w_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
                     dyb_ptr, lora_A_ptr, dx_ptr, M, N, K, r, lora_scale, seed, dropout_p, M_BUCKET,
@@ -337,7 +354,7 @@ def _launch_flags(x: torch.Tensor) -> dict:
 
 def _weight_args(weight: torch.Tensor | None, nf4_state: NF4State | None, N: int, K: int,
                  x: torch.Tensor) -> dict:
-    """Kernel arguments for W: pointers (unused ones point at any tensor) and constexpr flags."""
+    """The W kernel arguments, by name: pointers (unused ones point at any tensor) and flags."""
     if (weight is None) == (nf4_state is None):
         raise ValueError("pass exactly one of weight (dense) and nf4_state")
     if N * K >= 2**31:
@@ -402,7 +419,7 @@ def lora_dropout_keep(seed: int, p: float, M: int, K: int, device: torch.device 
     if keep.numel():
         block_m, block_k = 32, 64
         _dropout_keep_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
-            keep, M, K, int(seed), float(p), BLOCK_M=block_m, BLOCK_K=block_k)
+            keep, M, K, int(seed), float(p), BLOCK_M=block_m, BLOCK_K=block_k, enable_fp_fusion=False)
     return keep.view(torch.bool)
 
 
@@ -439,7 +456,7 @@ def lora_forward_triton(
     _lora_xa_kernel[(triton.cdiv(M, block_m), triton.cdiv(r, block_r))](
         x2d, lora_A, xa, M, K, r, int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p),
         DROPOUT=dropout, UPCAST_DOT=flags["UPCAST_DOT"], DOT_PRECISION=flags["DOT_PRECISION"],
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, num_stages=4,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, num_stages=4, enable_fp_fusion=False,
     )
     bias_arg = bias.contiguous() if bias is not None else y
 
@@ -447,13 +464,9 @@ def lora_forward_triton(
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _lora_forward_kernel[grid](
-        x2d, **{k: w_args[k] for k in ("w_ptr", "packed_ptr", "absmax_ptr", "nested_absmax_ptr", "nested_code_ptr",
-                                        "offset_ptr", "code_ptr")},
-        bias_ptr=bias_arg, xa_ptr=xa, lora_B_ptr=lora_B, y_ptr=y, M=M, N=N, K=K, r=r, scaling=float(scaling),
-        M_BUCKET=triton.next_power_of_2(M),
-        W_NF4=w_args["W_NF4"], DOUBLE_QUANT=w_args["DOUBLE_QUANT"], blocksize=w_args["blocksize"],
-        nested_blocksize=w_args["nested_blocksize"], K_ALIGNED=w_args["K_ALIGNED"], HAS_BIAS=bias is not None,
-        BLOCK_R=block_r, GROUP_M=8, **flags,
+        x2d, **w_args, bias_ptr=bias_arg, xa_ptr=xa, lora_B_ptr=lora_B, y_ptr=y, M=M, N=N, K=K, r=r,
+        scaling=float(scaling), M_BUCKET=triton.next_power_of_2(M), HAS_BIAS=bias is not None,
+        BLOCK_R=block_r, GROUP_M=8, enable_fp_fusion=False, **flags,
     )
     return y, xa
 
@@ -508,13 +521,10 @@ def lora_backward_triton(
                 return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
             _lora_dx_kernel[grid](
-                dy2d, **{k: w_args[k] for k in ("w_ptr", "packed_ptr", "absmax_ptr", "nested_absmax_ptr",
-                                                 "nested_code_ptr", "offset_ptr", "code_ptr")},
-                dyb_ptr=dyb, lora_A_ptr=lora_A.contiguous(), dx_ptr=dx, M=M, N=N, K=K, r=r, lora_scale=lora_scale,
-                seed=int(seed), dropout_p=float(dropout_p), M_BUCKET=triton.next_power_of_2(M),
-                W_NF4=w_args["W_NF4"], DOUBLE_QUANT=w_args["DOUBLE_QUANT"], blocksize=w_args["blocksize"],
-                nested_blocksize=w_args["nested_blocksize"], K_ALIGNED=w_args["K_ALIGNED"], DROPOUT=dropout,
-                BLOCK_R=block_r, GROUP_M=8, **flags,
+                dy2d, **w_args, dyb_ptr=dyb, lora_A_ptr=lora_A.contiguous(), dx_ptr=dx, M=M, N=N, K=K, r=r,
+                lora_scale=lora_scale, seed=int(seed), dropout_p=float(dropout_p),
+                M_BUCKET=triton.next_power_of_2(M), DROPOUT=dropout,
+                BLOCK_R=block_r, GROUP_M=8, enable_fp_fusion=False, **flags,
             )
 
     if needs_dA:
@@ -525,7 +535,7 @@ def lora_backward_triton(
         _lora_dA_kernel[(tiles, splits)](
             dyb, x2d.contiguous(), partial, M, K, r, lora_scale, int(seed), float(dropout_p),
             DROPOUT=dropout, UPCAST_DOT=flags["UPCAST_DOT"], DOT_PRECISION=flags["DOT_PRECISION"],
-            BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=4, num_stages=3,
+            BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=4, num_stages=3, enable_fp_fusion=False,
         )
         dA = partial.sum(0).to(dtype)
     return dx, dA, dB, dbias
