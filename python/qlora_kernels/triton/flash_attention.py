@@ -65,27 +65,21 @@ class _Config(NamedTuple):
     num_stages: int
 
 
-# Hand-picked for H100 with fp16/bf16, keyed by BLOCK_D; not yet timed on hardware.
-# Forward: wide query blocks amortize the K/V stream; at D = 256 the fp32 accumulator
-# (BLOCK_M x 256) needs 8 warps and a smaller BLOCK_M to stay in registers, and two
-# stages of 64 x 256 K/V tiles already take 128 KiB of shared memory.
-_FWD_CONFIGS = {
-    64: _Config(128, 64, 4, 3),
-    128: _Config(128, 64, 8, 3),
-    256: _Config(64, 64, 8, 2),
+# Hand-picked for H100 with fp16/bf16, keyed by kernel and BLOCK_D. Not timed on hardware:
+# each entry is about the largest tile that compiles for sm_90 (ptxas, Triton 3.6 and 3.9),
+# with and without ALiBi / key padding, inside shared memory and without register spills
+# (dK/dV at BLOCK_D 64 spills a few bytes under 3.6).
+# dK/dV keeps K, V and two fp32 accumulators of BLOCK_N x BLOCK_D per program, so it takes
+# narrow query steps; a wide key block still cuts the Q / dO traffic per key. dQ is the
+# mirror image: a wide query block and narrow key steps.
+_CONFIGS = {
+    "fwd": {64: _Config(128, 64, 8, 3), 128: _Config(128, 64, 8, 3), 256: _Config(64, 64, 8, 2)},
+    "dkdv": {64: _Config(32, 128, 8, 3), 128: _Config(16, 128, 8, 3), 256: _Config(32, 32, 8, 2)},
+    "dq": {64: _Config(128, 64, 8, 3), 128: _Config(128, 32, 8, 3), 256: _Config(64, 32, 8, 2)},
 }
-# dK/dV: a wide key block held in registers (two fp32 accumulators), narrow query steps.
-_DKDV_CONFIGS = {
-    64: _Config(32, 128, 4, 4),
-    128: _Config(32, 128, 8, 3),
-    256: _Config(32, 64, 8, 2),
-}
-# dQ: the mirror image, a wide query block and narrow key steps.
-_DQ_CONFIGS = {
-    64: _Config(128, 32, 4, 4),
-    128: _Config(128, 32, 8, 3),
-    256: _Config(64, 32, 8, 2),
-}
+# fp32 runs IEEE dots on FMA units, whose operands live in registers: small tiles for every
+# head dim (a correctness path, not a fast one).
+_FP32_CONFIGS = {"fwd": _Config(32, 32, 8, 2), "dkdv": _Config(32, 32, 8, 2), "dq": _Config(32, 16, 4, 2)}
 # The interpreter runs tiles as numpy arrays: small tiles keep tests fast, and the
 # uneven BLOCK_M / BLOCK_N mirror the GPU tables so the stage boundaries get exercised.
 _INTERPRETER_CONFIGS = {"fwd": _Config(32, 16, 1, 1), "dkdv": _Config(16, 32, 1, 1), "dq": _Config(32, 16, 1, 1)}
@@ -449,10 +443,12 @@ def _interpreting() -> bool:
     return not isinstance(_fwd_kernel, JITFunction)
 
 
-def _config(table: dict[int, _Config], kind: str, block_d: int) -> _Config:
+def _config(kind: str, block_d: int, dtype: torch.dtype) -> _Config:
     if _interpreting():
         return _INTERPRETER_CONFIGS[kind]
-    return table[max(64, block_d)]
+    if dtype == torch.float32:
+        return _FP32_CONFIGS[kind]
+    return _CONFIGS[kind][max(64, block_d)]
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -482,7 +478,6 @@ class _Problem(NamedTuple):
     group: int
     seqlen_q: int  # the longest one for varlen
     seqlen_k: int
-    head_dim: int
     block_d: int
     scale: float
     slopes: torch.Tensor
@@ -540,7 +535,7 @@ def _problem(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_
                  HAS_KPM=key_padding_mask is not None, IS_VARLEN=varlen,
                  INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_interpreting())
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    return _Problem(varlen, num_seqs, heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim, block_d, scale,
+    return _Problem(varlen, num_seqs, heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, block_d, scale,
                     slopes, key_mask, mask_strides, cu_seqlens, flags)
 
 
@@ -571,7 +566,7 @@ def flash_attention_fwd_triton(
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = _config(_FWD_CONFIGS, "fwd", pb.block_d)
+    cfg = _config("fwd", pb.block_d, q.dtype)
     grid = (triton.cdiv(pb.seqlen_q, cfg.BLOCK_M), pb.heads_q, pb.num_seqs)
     _fwd_kernel[grid](
         q, k, v, out, lse, pb.slopes, pb.key_mask, pb.cu_seqlens,
@@ -616,20 +611,20 @@ def flash_attention_bwd_triton(
     qk_scale = pb.scale * math.log2(math.e)
     flags = pb.flags
 
-    pre = _config(_DQ_CONFIGS, "dq", pb.block_d)
+    pre = _config("dq", pb.block_d, q.dtype)
     _bwd_preprocess_kernel[(triton.cdiv(pb.seqlen_q, pre.BLOCK_M), pb.heads_q, pb.num_seqs)](
         out, dout, delta, pb.cu_seqlens, *_bhm_strides(out, pb.varlen), *do_strides, *lse_strides, pb.seqlen_q,
         HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre.BLOCK_M, IS_VARLEN=pb.varlen,
         num_warps=4,
     )
-    cfg = _config(_DKDV_CONFIGS, "dkdv", pb.block_d)
+    cfg = _config("dkdv", pb.block_d, q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(pb.seqlen_k, cfg.BLOCK_N), pb.heads_q // pb.group, pb.num_seqs)](
         q, k, v, dout, dk, dv, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens,
         *qkv_strides, *do_strides, *_bhm_strides(dk, pb.varlen), *_bhm_strides(dv, pb.varlen),
         *lse_strides, *pb.mask_strides, pb.seqlen_q, pb.seqlen_k, pb.group, qk_scale, pb.scale,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    cfg = _config(_DQ_CONFIGS, "dq", pb.block_d)
+    cfg = _config("dq", pb.block_d, q.dtype)
     _bwd_dq_kernel[(triton.cdiv(pb.seqlen_q, cfg.BLOCK_M), pb.heads_q, pb.num_seqs)](
         q, k, v, dout, dq, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens,
         *qkv_strides, *do_strides, *_bhm_strides(dq, pb.varlen), *lse_strides, *pb.mask_strides,
