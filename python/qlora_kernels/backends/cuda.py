@@ -10,6 +10,8 @@ import math
 import torch
 
 from .._native import has_cuda_kernels, native
+from ..ops import attention as attention_ops
+from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
 from .common import as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
 
@@ -71,3 +73,63 @@ else:
         return nf4_dequantize_triton(
             packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
         )
+
+
+# Triton kernels are imported on first use: `import qlora_kernels` stays free of triton's
+# start-up cost, and a machine without triton only fails when it runs a CUDA op.
+
+# Below this many queries against at least DECODE_MIN_KEYS keys, the keys are split across
+# programs (flash-decoding): one query row alone cannot fill the GPU.
+DECODE_MAX_QUERIES = 16
+DECODE_MIN_KEYS = 256
+
+
+@kernel(attention_ops.flash_attention_fwd, "cuda", "Triton")
+def triton_flash_attention_fwd(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
+    if cu_seqlens is None and causal and q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS:
+        from ..triton.flash_decode import flash_decode_triton
+
+        return flash_decode_triton(q, k, v, softmax_scale, alibi_slopes, key_padding_mask)
+    from ..triton.flash_attention import flash_attention_fwd_triton
+
+    return flash_attention_fwd_triton(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens,
+                                      max_seqlen or None)
+
+
+@kernel(attention_ops.flash_attention_bwd, "cuda", "Triton")
+def triton_flash_attention_bwd(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
+    from ..triton.flash_attention import flash_attention_bwd_triton
+
+    grads = flash_attention_bwd_triton(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes,
+                                       key_padding_mask, cu_seqlens, max_seqlen or None)
+    return attention_ops.grads_like_inputs((q, k, v), grads)
+
+
+def _nf4_state(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K):
+    from ..triton.lora import NF4State
+
+    if weight is not None:
+        return None
+    return NF4State(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K)
+
+
+@kernel(lora_ops.lora_linear_fwd, "cuda", "Triton")
+def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
+      bias, lora_A, lora_B, scaling, dropout_p, seed):
+    from ..triton.lora import lora_forward_triton
+
+    state = _nf4_state(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                       out_features, x.shape[1])
+    return lora_forward_triton(x, weight, state, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+
+
+@kernel(lora_ops.lora_linear_bwd, "cuda", "Triton")
+def triton_lora_linear_bwd(dy, x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, lora_A,
+      lora_B, scaling, dropout_p, seed, xa):
+    from ..triton.lora import lora_backward_triton
+
+    state = _nf4_state(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                       dy.shape[1], x.shape[1])
+    dx, dA, dB, dbias = lora_backward_triton(dy, x, weight, state, lora_A, lora_B, scaling, dropout_p, int(seed),
+                                             xa, True, True, True, True)
+    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias.to(dy.dtype)

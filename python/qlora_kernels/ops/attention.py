@@ -46,12 +46,21 @@ def flash_attention_bwd(
         grads = ref.flash_attention_varlen_backward(dout, q, k, v, cu_seqlens, causal, softmax_scale, alibi_slopes)
     else:
         grads = ref.flash_attention_backward(dout, q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask)
-    return tuple(g.contiguous() for g in grads)
+    return grads_like_inputs((q, k, v), grads)
+
+
+def grads_like_inputs(inputs, grads):
+    """Gradients with their input's strides (a transposed view's gradient needs no copy
+    downstream); every implementation returns this layout, as the fake does."""
+    out = []
+    for t, g in zip(inputs, grads):
+        out.append(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g))
+    return tuple(out)
 
 
 @flash_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return tuple(torch.empty_like(t) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

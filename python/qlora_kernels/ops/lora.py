@@ -3,8 +3,8 @@
 y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ on 2-D x [M, K]; W is dense (`weight`) or NF4
 (`packed`, `absmax`, optional double-quant tensors, `blocksize`, ...). The dropout keep mask
 is drawn from `seed` (a 1-element int64 CPU tensor, so tracing never reads it) by each
-backend and drawn again in backward, never stored; xa =
-dropout(x)·Aᵀ [M, r] is returned and saved for dB. No gradient flows to W.
+backend and drawn again in backward, never stored; xa = dropout(x)·Aᵀ [M, r] (fp32) is
+returned and saved for dB. No gradient flows to W.
 The default implementation is `reference.lora` (it materializes W; backends/ register the
 tiled CPU path and the Triton kernels).
 """
@@ -44,14 +44,14 @@ def lora_linear_fwd(
     keep = keep_mask_cpu(int(seed), dropout_p, M, K, x.device) if dropout_p > 0 else None
     y = ref.lora_linear(x, W, bias, lora_A, lora_B, scaling, keep, dropout_p)
     dropped = x if keep is None else x * keep / (1.0 - dropout_p)
-    xa = (dropped.float() @ lora_A.float().t()).to(x.dtype)
+    xa = dropped.float() @ lora_A.float().t()
     return y, xa
 
 
 @lora_linear_fwd.register_fake
 def _(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
       bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0]))
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("qlora_kernels::lora_linear_bwd", mutates_args=())
