@@ -3,7 +3,7 @@
 Plain functions (op registration lives elsewhere) with the semantics of reference/attention.py.
 Dense layout: q [B, Hq, Sq, D], k / v [B, Hkv, Sk, D] with any strides (HF's `.transpose(1, 2)`
 views are read in place), lse [B, Hq, Sq]. Varlen layout (cu_seqlens given): q / k / v [T, H, D],
-lse [Hq, T]. Outputs are allocated contiguous; lse is fp32.
+lse [Hq, T]. out and lse (fp32) are contiguous; dq / dk / dv keep their input's strides.
 """
 
 from __future__ import annotations
@@ -28,9 +28,20 @@ def _unit_stride_head_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
 
 
+def _grad_like(t: torch.Tensor) -> torch.Tensor:
+    # t's strides, so a transposed view's gradient needs no copy (ops.attention.grads_like_inputs),
+    # unless head_dim would not be unit-stride
+    g = torch.empty_like(t)
+    return g if g.stride(-1) == 1 or g.size(-1) == 1 else torch.empty(t.shape, dtype=t.dtype)
+
+
 def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(batch, head, seq) element strides; varlen tensors [T, H, D] have no batch dimension."""
     return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:3])
 
 
 def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -84,13 +95,13 @@ def _launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_pad
 
 
 def _side_inputs(alibi_slopes, key_padding_mask, cu_seqlens):
-    """The kernels' formats: fp32 slopes, uint8 mask (1 = attend), int32 offsets, contiguous."""
+    """The kernels' formats: fp32 slopes, uint8 mask (1 = attend), int32 offsets; contiguous, CPU."""
     if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.detach().to(torch.float32).contiguous()
+        alibi_slopes = alibi_slopes.detach().to("cpu", torch.float32).contiguous()
     if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.to(torch.bool).to(torch.uint8).contiguous()
+        key_padding_mask = key_padding_mask.to("cpu", torch.bool).to(torch.uint8).contiguous()
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        cu_seqlens = cu_seqlens.to("cpu", torch.int32).contiguous()
     return alibi_slopes, key_padding_mask, cu_seqlens
 
 
@@ -114,8 +125,7 @@ def flash_attention_fwd_cpu(
     q, k, v = (_unit_stride_head_dim(t) for t in (q, k, v))
     alibi_slopes, key_padding_mask, cu_seqlens = _side_inputs(alibi_slopes, key_padding_mask, cu_seqlens)
     out = torch.empty(q.shape, dtype=q.dtype)
-    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else q.shape[:3]
-    lse = torch.empty(lse_shape, dtype=torch.float32)
+    lse = torch.empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
     _native().flash_attention_fwd_cpu(
         **_launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens))
     return out, lse
@@ -135,17 +145,17 @@ def flash_attention_bwd_cpu(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, in q's dtype; out and lse are the forward's results."""
+    """(dq, dk, dv) in q's dtype, strided like q, k, v; out and lse are the forward's results."""
     _check(q, k, v, alibi_slopes, key_padding_mask, cu_seqlens)
     if dout.shape != q.shape or out.shape != q.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError("dout and out must have q's shape and dtype")
-    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else q.shape[:3]
-    if lse.shape != lse_shape:
-        raise ValueError(f"lse must be {tuple(lse_shape)}, got {tuple(lse.shape)}")
+    lse_shape = _lse_shape(q, cu_seqlens is not None)
+    if tuple(lse.shape) != lse_shape:
+        raise ValueError(f"lse must be {lse_shape}, got {tuple(lse.shape)}")
+    dq, dk, dv = (_grad_like(t) for t in (q, k, v))
     dout, q, k, v, out = (_unit_stride_head_dim(t) for t in (dout, q, k, v, out))
     lse = lse.to(torch.float32)
     alibi_slopes, key_padding_mask, cu_seqlens = _side_inputs(alibi_slopes, key_padding_mask, cu_seqlens)
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
     varlen = cu_seqlens is not None
     _native().flash_attention_bwd_cpu(
         dout=dout.data_ptr(), dout_strides=_strides(dout, varlen), dq=dq.data_ptr(), dq_strides=_strides(dq, varlen),

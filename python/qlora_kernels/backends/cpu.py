@@ -7,6 +7,7 @@ import math
 import torch
 
 from .._native import native
+from ..ops import attention as attention_ops
 from ..ops import nf4 as ops
 from .common import as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
 
@@ -49,3 +50,19 @@ if _C is not None:
             torch.get_num_threads(),
         )
         return out, absmax
+
+
+    @kernel(attention_ops.flash_attention_fwd, "cpu", "C++")
+    def _(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
+        from .attention_cpu import flash_attention_fwd_cpu
+
+        return flash_attention_fwd_cpu(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens,
+                                       max_seqlen)
+
+    @kernel(attention_ops.flash_attention_bwd, "cpu", "C++")
+    def _(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
+        from .attention_cpu import flash_attention_bwd_cpu
+
+        grads = flash_attention_bwd_cpu(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes,
+                                        key_padding_mask, cu_seqlens, max_seqlen)
+        return attention_ops.grads_like_inputs((q, k, v), grads)
