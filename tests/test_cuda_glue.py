@@ -70,3 +70,24 @@ def test_grads_like_inputs_keeps_strides():
     t = torch.randn(2, 5, 3, 4).transpose(1, 2)
     (g,) = attention_ops.grads_like_inputs((t,), (torch.randn(2, 3, 5, 4),))
     assert g.stride() == t.stride()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_lora_decode_gemv_path_matches_reference(M):
+    import qlora_kernels as qk
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    layer = qk.NF4Linear.from_linear(linear, quant_storage=torch.bfloat16)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    B = torch.randn(4096, 16, device="cuda", dtype=torch.bfloat16) * 0.02
+    with torch.no_grad():
+        y = qk.lora_linear(x, layer, linear.bias, A, B, 2.0)
+        want = R.lora.lora_linear(x.double(), layer.dequantize(torch.float32).double(), linear.bias, A, B, 2.0)
+        stock = R.lora.lora_linear(x, layer.dequantize(torch.bfloat16), linear.bias, A, B, 2.0)
+    ours_err = (y.double() - want).abs().max()
+    stock_err = (stock.double() - want).abs().max()
+    assert ours_err <= 2 * stock_err + 1e-3

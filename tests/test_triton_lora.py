@@ -17,9 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qlora_kernels import reference  # noqa: E402
+from qlora_kernels.nf4_weight import NF4Weight  # noqa: E402
 from qlora_kernels.reference.lora import lora_linear  # noqa: E402
 from qlora_kernels.triton.lora import (  # noqa: E402
-    NF4State,
     lora_backward_triton,
     lora_dropout_keep,
     lora_forward_triton,
@@ -30,7 +30,7 @@ SEED = 1234
 
 
 def _nf4_weight(w, blocksize, double_quant, dtype):
-    """(NF4State on DEVICE, the dequantized W in `dtype` the kernels must multiply by)."""
+    """(NF4Weight on DEVICE, the dequantized W in `dtype` the kernels must multiply by)."""
     N, K = w.shape
     packed, absmax = reference.nf4_quantize_blocks(w, blocksize)
     nested = {}
@@ -41,8 +41,8 @@ def _nf4_weight(w, blocksize, double_quant, dtype):
         nested = dict(nested_absmax_=nested_absmax, nested_code=code, offset=offset)
     w_ref = reference.nf4_dequantize(packed, absmax, blocksize, (N, K), dtype, **nested)
     on = {k: v.to(DEVICE) for k, v in nested.items()}
-    state = NF4State(packed.to(DEVICE), absmax.to(DEVICE), on.get("nested_absmax_"), on.get("nested_code"),
-                     on.get("offset"), blocksize, reference.NESTED_BLOCKSIZE, N, K)
+    state = NF4Weight(packed.to(DEVICE), absmax.to(DEVICE), on.get("nested_absmax_"), on.get("nested_code"),
+                      on.get("offset"), blocksize, reference.NESTED_BLOCKSIZE, (N, K), w.dtype)
     return state, w_ref.to(DEVICE)
 
 

@@ -10,6 +10,7 @@ import math
 import torch
 
 from .._native import has_cuda_kernels, native
+from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
@@ -105,21 +106,50 @@ def triton_flash_attention_bwd(dout, q, k, v, out, lse, causal, softmax_scale, a
     return attention_ops.grads_like_inputs((q, k, v), grads)
 
 
-def _nf4_state(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K):
-    from ..triton.lora import NF4State
-
+def nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K, dtype):
+    """The op's NF4 arguments as the LoRA kernels take them (None for a dense weight)."""
     if weight is not None:
         return None
-    return NF4State(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K)
+    return NF4Weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, (N, K), dtype)
 
 
-@kernel(lora_ops.lora_linear_fwd, "cuda", "Triton")
-def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
-      bias, lora_A, lora_B, scaling, dropout_p, seed):
+def lora_gemv_cuda(x, state: NF4Weight, bias, xa, lora_B, scaling):
+    """Decode (M <= _C.lora_gemv_max_rows): y = x·Wᵀ + bias + scaling·xa·Bᵀ reading the packed W once."""
+    M, K = x.shape
+    N = state.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    packed = as_bytes(state.packed)
+    absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(
+        state.absmax, state.nested_absmax, state.nested_code, state.offset)
+    xa = xa.float().contiguous()
+    lora_B = lora_B.contiguous()
+    with torch.cuda.device(x.device):
+        _C.lora_gemv_nf4_cuda(
+            x.data_ptr(), dtype_tag(x.dtype), M, K, packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr,
+            nested_code_ptr, offset_ptr, state.nested_blocksize, state.blocksize, N,
+            0 if bias is None else bias.contiguous().data_ptr(), xa.data_ptr(), lora_B.data_ptr(), lora_B.shape[1],
+            float(scaling), y.data_ptr(), _stream(x.device),
+        )
+    return y
+
+
+def _gemv_applies(x, state, dropout_p) -> bool:
+    # the GEMV needs 16-byte aligned packed bytes; dropout (training) takes the Triton path
+    return (state is not None and x.is_cuda and has_cuda_kernels() and dropout_p == 0.0
+            and x.shape[0] <= _C.lora_gemv_max_rows
+            and as_bytes(state.packed).data_ptr() % 16 == 0)
+
+
+@kernel(lora_ops.lora_linear_fwd, "cuda", "Triton (CUDA GEMV for M <= 16)")
+def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                           nested_blocksize, out_features, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                       out_features, x.shape[1], x.dtype)
+    if _gemv_applies(x, state, dropout_p):
+        xa = x.float() @ lora_A.float().t()
+        return lora_gemv_cuda(x, state, bias, xa, lora_B, scaling), xa
     from ..triton.lora import lora_forward_triton
 
-    state = _nf4_state(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                       out_features, x.shape[1])
     return lora_forward_triton(x, weight, state, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
 
 
@@ -128,8 +158,8 @@ def triton_lora_linear_bwd(dy, x, weight, packed, absmax, nested_absmax, nested_
       lora_B, scaling, dropout_p, seed, xa):
     from ..triton.lora import lora_backward_triton
 
-    state = _nf4_state(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                       dy.shape[1], x.shape[1])
+    state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                       dy.shape[1], x.shape[1], x.dtype)
     dx, dA, dB, dbias = lora_backward_triton(dy, x, weight, state, lora_A, lora_B, scaling, dropout_p, int(seed),
                                              xa, True, True, True, True)
     return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias.to(dy.dtype)

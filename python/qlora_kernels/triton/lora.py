@@ -40,16 +40,16 @@ one small tile config replaces autotuning.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from qlora_kernels import reference
+from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.triton.nf4_dequant import _cast_rn, _interpreting, nf4_absmax_values, nf4_dequant_values
 
-__all__ = ["NF4State", "lora_forward_triton", "lora_backward_triton", "lora_dropout_keep"]
+__all__ = ["lora_forward_triton", "lora_backward_triton", "lora_dropout_keep"]
 
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETING = _interpreting()
@@ -82,28 +82,6 @@ _INTERPRETER_TILE = (16, 32, 64, 1, 4)
 # cost (dense or NF4, blocksize) must be named
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "r", "W_NF4", "blocksize"]
 
-
-class NF4State(NamedTuple):
-    """NF4 base weight W [N, K] as `reference.nf4_quantize_blocks` / bitsandbytes store it.
-
-    packed: the flat row-major weight, (N * K + 1) // 2 bytes (any storage dtype, read as
-        uint8), element e in byte e // 2, high nibble for even e.
-    absmax: fp32 per block of `blocksize` flat elements; uint8 codes with double quant.
-    nested_absmax, nested_code, offset: double quant (fp32, 256-entry fp32 code, 0-d fp32),
-        absmax[b] = nested_code[code_b] * nested_absmax[b // nested_blocksize] + offset;
-        all three None without double quant.
-    N, K: out_features, in_features.
-    """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    nested_absmax: torch.Tensor | None
-    nested_code: torch.Tensor | None
-    offset: torch.Tensor | None
-    blocksize: int
-    nested_blocksize: int
-    N: int
-    K: int
 
 
 def _gemm_configs(tiles, out_name: str, reduce_name: str) -> list[triton.Config]:
@@ -352,7 +330,7 @@ def _launch_flags(x: torch.Tensor) -> dict:
     )
 
 
-def _weight_args(weight: torch.Tensor | None, nf4_state: NF4State | None, N: int, K: int,
+def _weight_args(weight: torch.Tensor | None, nf4_state: NF4Weight | None, N: int, K: int,
                  x: torch.Tensor) -> dict:
     """The W kernel arguments, by name: pointers (unused ones point at any tensor) and flags."""
     if (weight is None) == (nf4_state is None):
@@ -370,8 +348,8 @@ def _weight_args(weight: torch.Tensor | None, nf4_state: NF4State | None, N: int
 
     s = nf4_state
     reference.check_blocksize(s.blocksize)
-    if (s.N, s.K) != (N, K):
-        raise ValueError(f"nf4_state is [{s.N}, {s.K}], the LoRA factors need [{N}, {K}]")
+    if tuple(s.shape) != (N, K):
+        raise ValueError(f"nf4_state is {list(s.shape)}, the LoRA factors need [{N}, {K}]")
     packed = s.packed.contiguous().view(-1)
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
@@ -426,7 +404,7 @@ def lora_dropout_keep(seed: int, p: float, M: int, K: int, device: torch.device 
 def lora_forward_triton(
     x2d: torch.Tensor,
     weight: torch.Tensor | None,
-    nf4_state: NF4State | None,
+    nf4_state: NF4Weight | None,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -475,7 +453,7 @@ def lora_backward_triton(
     dy2d: torch.Tensor,
     x2d: torch.Tensor,
     weight: torch.Tensor | None,
-    nf4_state: NF4State | None,
+    nf4_state: NF4Weight | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,

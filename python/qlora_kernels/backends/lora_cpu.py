@@ -1,0 +1,214 @@
+"""Fused LoRA linear on the CPU without materializing the base weight.
+
+y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ (reference/lora.py). An NF4 W is dequantized one
+tile of rows at a time (C++ range dequantize, `_C.nf4_dequantize_range_cpu`) into one reused
+buffer, and each tile goes straight into a GEMM: the forward fills y[:, tile], the backward
+accumulates dx += dy[:, tile] @ W[tile] in fp32. W's values are those of
+`reference.nf4_dequantize(..., dtype=x.dtype)`.
+
+Arithmetic: the base GEMMs and the backward's adapter GEMMs run in x's dtype (fp32 for fp16:
+CPU fp16 GEMMs are far slower than fp32 ones) with the fp32 accumulation of torch's CPU GEMMs
+and one rounding of their output; scaling enters inside the GEMMs (addmm alpha), dx is summed
+over the W tiles in fp32, and the forward's xa and LoRA term are computed in fp32 (as the
+reference does; xa is returned rounded to x's dtype). The backward makes no fp32 copy of dy or x.
+
+Plain functions; the op registration lives with the integrator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._native import native
+from ..nf4_weight import NF4Weight
+from .common import dtype_tag
+
+_C = native()
+
+# Bytes of one W tile in the GEMM dtype (1024 rows of bf16 at K = 4096): smaller tiles cost
+# GEMM efficiency (512 x 4096 bf16 tiles ran ~45% slower than one GEMM, 1024-row ones ~18%).
+TILE_BYTES = 8 << 20
+
+
+def _tile_rows(N: int, K: int, gemm_dtype: torch.dtype, tile_rows: int | None) -> int:
+    if tile_rows is None:
+        tile_rows = TILE_BYTES // (max(K, 1) * torch.empty((), dtype=gemm_dtype).element_size())
+    return max(1, min(N, int(tile_rows)))
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _nested_args(nf4: NF4Weight):
+    """(absmax, absmax_q, nested_absmax, nested_code, offset) addresses; 0 where unused."""
+    if nf4.nested_absmax is None:
+        return nf4.absmax.data_ptr(), 0, 0, 0, 0
+    return (0, nf4.absmax.data_ptr(), nf4.nested_absmax.data_ptr(), nf4.nested_code.data_ptr(),
+            nf4.offset.data_ptr())
+
+
+def _checked(nf4: NF4Weight) -> NF4Weight:
+    """The state as the C++ side reads it: contiguous, fp32 scales, uint8 codes and bytes."""
+    packed = nf4.packed.reshape(-1)
+    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
+    if packed.numel() != (nf4.numel + 1) // 2:
+        raise ValueError(f"packed holds {packed.numel()} bytes, a weight of shape {nf4.shape} needs "
+                         f"{(nf4.numel + 1) // 2}")
+    if nf4.nested_absmax is None:
+        absmax = nf4.absmax.contiguous().float()
+        nested = (None, None, None)
+    else:
+        if nf4.absmax.dtype != torch.uint8 or nf4.nested_code is None or nf4.offset is None:
+            raise ValueError("double quant needs uint8 absmax codes, nested_code and offset")
+        absmax = nf4.absmax.contiguous()
+        nested = tuple(t.contiguous().float() for t in (nf4.nested_absmax, nf4.nested_code, nf4.offset))
+    for name, t in (("packed", packed), ("absmax", absmax)) + tuple(zip(("nested_absmax", "nested_code", "offset"),
+                                                                          nested)):
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}; the CPU path needs CPU tensors")
+    return NF4Weight(packed.contiguous(), absmax, *nested, nf4.blocksize, nf4.nested_blocksize, nf4.shape, nf4.dtype)
+
+
+def _range_reference(nf4: NF4Weight, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """Torch version of the range dequantize (used when the native module is missing)."""
+    idx = torch.arange(start, start + count, dtype=torch.int64)
+    byte = nf4.packed[idx // 2].to(torch.int64)
+    codes = torch.where(idx % 2 == 0, byte >> 4, byte & 0xF)
+    blocks = idx // nf4.blocksize
+    first, last = start // nf4.blocksize, (start + count - 1) // nf4.blocksize + 1
+    if nf4.nested_absmax is None:
+        scales = nf4.absmax[first:last].float()
+    else:
+        b = torch.arange(first, last)
+        scales = nf4.nested_code[nf4.absmax[first:last].long()] * nf4.nested_absmax[b // nf4.nested_blocksize]
+        scales = scales + nf4.offset.float()
+    return (reference.nf4_code()[codes] * scales[blocks - first]).to(dtype)
+
+
+def nf4_dequantize_range_cpu(nf4: NF4Weight, start: int, count: int, dtype: torch.dtype,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat elements [start, start + count) of `nf4`, bit-identical to
+    `reference.nf4_dequantize(...).flatten()[start:start + count]` (into `out` when given)."""
+    if start < 0 or count < 0 or start + count > nf4.numel:
+        raise ValueError(f"range [{start}, {start + count}) is outside a weight of {nf4.numel} elements")
+    if out is None:
+        out = torch.empty(count, dtype=dtype)
+    elif out.dtype != dtype or out.numel() < count or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError("out must be a contiguous CPU tensor of dtype with at least `count` elements")
+    nf4 = _checked(nf4)
+    if count == 0:
+        return out[:0]
+    if _C is None:
+        out.reshape(-1)[:count].copy_(_range_reference(nf4, start, count, dtype))
+        return out
+    absmax, absmax_q, nested_absmax, nested_code, offset = _nested_args(nf4)
+    _C.nf4_dequantize_range_cpu(
+        nf4.packed.data_ptr(), absmax, absmax_q, nested_absmax, nested_code, offset, nf4.nested_blocksize, start,
+        count, nf4.blocksize, out.data_ptr(), dtype_tag(dtype), torch.get_num_threads(),
+    )
+    return out
+
+
+class _Tiles:
+    """Row tiles [s, e) of W in the GEMM dtype: views of a dense weight, or NF4 rows dequantized
+    into one reused buffer (plus a second one when the GEMM dtype differs from x's)."""
+
+    def __init__(self, weight, nf4, N, K, dtype, tile_rows):
+        self.weight, self.K, self.dtype = weight, K, dtype
+        self.gemm_dtype = _gemm_dtype(dtype)
+        self.nf4 = None if nf4 is None else _checked(nf4)
+        self.rows = (_tile_rows(N, K, self.gemm_dtype, tile_rows)
+                     if nf4 is not None or weight.dtype != self.gemm_dtype else N)
+        self.N = N
+        self.buffer = self.cast = None
+
+    def __iter__(self):
+        for s in range(0, self.N, self.rows):
+            e = min(self.N, s + self.rows)
+            yield s, e, self.tile(s, e)
+
+    def tile(self, s, e):
+        if self.nf4 is None:
+            return self.weight[s:e].to(self.gemm_dtype)
+        count = (e - s) * self.K
+        if self.buffer is None:
+            self.buffer = torch.empty(self.rows * self.K, dtype=self.dtype)
+        w = nf4_dequantize_range_cpu(self.nf4, s * self.K, count, self.dtype, self.buffer)[:count].view(e - s, self.K)
+        if self.gemm_dtype == self.dtype:
+            return w
+        if self.cast is None:
+            self.cast = torch.empty(self.rows * self.K, dtype=self.gemm_dtype)
+        return self.cast[:count].view(e - s, self.K).copy_(w)
+
+
+def _shapes(x2d, weight, nf4_state):
+    if x2d.dim() != 2:
+        raise ValueError(f"x2d must be 2-D, got shape {tuple(x2d.shape)}")
+    if (weight is None) == (nf4_state is None):
+        raise ValueError("pass exactly one of weight (dense) and nf4_state (NF4)")
+    N, K = (tuple(weight.shape) if weight is not None else tuple(nf4_state.shape))
+    if x2d.shape[1] != K:
+        raise ValueError(f"x has {x2d.shape[1]} features, the weight expects {K}")
+    return x2d.shape[0], N, K
+
+
+def _dropped(xf: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    return xf if keep is None else xf * keep.to(xf.dtype) / (1.0 - dropout_p)
+
+
+def lora_forward_cpu(x2d, weight, nf4_state, bias, lora_A, lora_B, scaling, keep, dropout_p, *, tile_rows=None):
+    """(y [M, N] in x's dtype, xa = dropout(x)·Aᵀ [M, r] in x's dtype).
+
+    `weight`: dense [N, K] or None; `nf4_state`: an `NF4Weight` (or an object with its fields)
+    or None. `keep`: bool [M, K] keep mask or None (no dropout). W is never materialized whole:
+    at most `tile_rows` rows of it (default: TILE_BYTES of the GEMM dtype) exist at once.
+    """
+    M, N, K = _shapes(x2d, weight, nf4_state)
+    dtype = x2d.dtype
+    tiles = _Tiles(weight, nf4_state, N, K, dtype, tile_rows)
+    g = tiles.gemm_dtype
+    # xa and the LoRA term in fp32 (as the reference): y starts as bias + scaling·xa·Bᵀ rounded
+    # once, and the base GEMMs accumulate on top
+    xa = torch.mm(_dropped(x2d.float(), keep, dropout_p), lora_A.float().t())  # [M, r]
+    y = torch.addmm(xa.new_empty(()) if bias is None else bias.float(), xa, lora_B.float().t(),
+                    beta=0 if bias is None else 1, alpha=scaling).to(g)
+    xg = x2d.to(g)
+    for s, e, w in tiles:
+        y[:, s:e].addmm_(xg, w.t())
+    return y.to(dtype), xa.to(dtype)
+
+
+def lora_backward_cpu(dy2d, x2d, weight, nf4_state, lora_A, lora_B, scaling, keep, dropout_p, xa, *,
+                      tile_rows=None):
+    """(dx, dA, dB, dbias) of `lora_forward_cpu` for the upstream gradient dy [M, N].
+
+    dx = dy·W + keep/(1-p)·scaling·(dy·B)·A (dy·W tile by tile over W's rows, accumulated in
+    fp32); dA = scaling·(dy·B)ᵀ·dropout(x); dB = scaling·dyᵀ·xa; dbias = Σ_m dy. dx in x's
+    dtype, dA / dB in lora_A's / lora_B's, dbias in dy's.
+    """
+    M, N, K = _shapes(x2d, weight, nf4_state)
+    if dy2d.shape != (M, N):
+        raise ValueError(f"dy must be [{M}, {N}], got {tuple(dy2d.shape)}")
+    dtype = x2d.dtype
+    tiles = _Tiles(weight, nf4_state, N, K, dtype, tile_rows)
+    g = tiles.gemm_dtype
+    dyg = dy2d.to(g)
+    # the adapter GEMMs are tiny; scaling is applied inside them (alpha), before their rounding
+    dyb = torch.addmm(dyg.new_empty(()), dyg, lora_B.to(g), beta=0, alpha=scaling)  # scaling·dy·B [M, r]
+    dA = torch.mm(dyb.t(), _dropped(x2d.to(g), keep, dropout_p))
+    dB = torch.addmm(dyg.new_empty(()), dyg.t(), xa.to(g), beta=0, alpha=scaling)
+    dbias = dy2d.sum(0, dtype=torch.float32)
+    dx = dyb.float() @ lora_A.float()  # fp32 accumulator of dx [M, K]
+    if keep is not None:
+        dx = dx * keep.to(dx.dtype) / (1.0 - dropout_p)
+    if g == torch.float32:
+        for s, e, w in tiles:
+            dx.addmm_(dyg[:, s:e], w)
+    else:
+        # bf16 GEMM per tile (fp32 accumulation inside, one rounding), partials summed in fp32
+        partial = torch.empty(M, K, dtype=g)
+        for s, e, w in tiles:
+            dx.add_(torch.mm(dyg[:, s:e], w, out=partial))
+    return dx.to(dtype), dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias.to(dy2d.dtype)
