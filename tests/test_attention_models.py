@@ -61,18 +61,25 @@ def test_fp32_logits_and_grads_match_stock(family):
     assert torch.equal(logits_back, ref_logits)
 
 
+def _grad_error(grads, exact):
+    num = sum((grads[n].float() - exact[n]).square().sum() for n in exact)
+    return (num / sum(g.square().sum() for g in exact.values())).sqrt()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_error_within_twice_pytorchs_own(family):
+def test_bf16_logits_and_grads_within_twice_pytorchs_own_error(family):
     ids, mask = _inputs()
     keep = mask.bool()
-    exact = make(family, torch.float32).eval()
-    with torch.no_grad():
-        want = exact(ids, attention_mask=mask).logits[keep]
-        stock = make(family, torch.bfloat16).eval()
-        stock_err = (stock(ids, attention_mask=mask).logits[keep].float() - want).abs().max()
-        patch_attention(stock)
-        ours_err = (stock(ids, attention_mask=mask).logits[keep].float() - want).abs().max()
+    exact_logits, _, exact_grads = _loss_and_grads(make(family, torch.float32).train(), ids, mask)
+    model = make(family, torch.bfloat16).train()
+    stock_logits, _, stock_grads = _loss_and_grads(model, ids, mask)
+    patch_attention(model)
+    logits, _, grads = _loss_and_grads(model, ids, mask)
+    stock_err = (stock_logits[keep].float() - exact_logits[keep]).abs().max()
+    ours_err = (logits[keep].float() - exact_logits[keep]).abs().max()
     assert ours_err <= 2 * stock_err + 1e-3, (ours_err, stock_err)
+    ours_gerr, stock_gerr = _grad_error(grads, exact_grads), _grad_error(stock_grads, exact_grads)
+    assert ours_gerr <= 2 * stock_gerr + 1e-3, (ours_gerr, stock_gerr)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -112,3 +119,19 @@ def test_patch_twice_is_a_noop_and_reports():
     patch_attention(model)
     unpatch_attention(model)
     assert model.config._attn_implementation == "sdpa", first
+
+
+def test_from_pretrained_with_attn_implementation_qlora_kernels(tmp_path):
+    import qlora_kernels
+    from transformers import AutoModelForCausalLM
+
+    make("llama").save_pretrained(tmp_path)
+    qlora_kernels.register_attention()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="qlora_kernels")
+    assert model.config._attn_implementation == "qlora_kernels"
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        keep = mask.bool()
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[keep],
+                                   stock(ids, attention_mask=mask).logits[keep], atol=2e-5, rtol=1e-4)

@@ -11,9 +11,14 @@ from_bnb(model)                         bitsandbytes Linear4bit -> NF4Linear, by
 flash_attention(q, k, v, *, causal=True, ...)  O(N)-memory attention, GQA, ALiBi, padding, packing.
 lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA.
 patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
+register_attention()                    makes attn_implementation="qlora_kernels" known to
+                                        transformers (done at import when transformers is
+                                        already imported).
 patch_lora(model) / unpatch_lora(model)             PEFT LoRA layers -> lora_linear.
 backends()                              what was compiled and what is usable here.
 """
+
+import sys
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
 from .attention import flash_attention
@@ -22,8 +27,12 @@ from .lora import lora_linear
 from .modules import NF4Linear
 from .nf4 import NF4QuantState, bits_per_parameter, nf4_dequantize, nf4_quantize
 from .patching import from_bnb, patch_attention, patch_lora, quantize_model, unpatch_attention, unpatch_lora
+from .patching.attention import register as register_attention
 
 __version__ = "0.1.0"
+
+if "transformers" in sys.modules:  # importing transformers ourselves would cost seconds
+    register_attention()
 
 __all__ = [
     "NF4Linear",
@@ -34,6 +43,7 @@ __all__ = [
     "lora_linear",
     "patch_attention",
     "patch_lora",
+    "register_attention",
     "unpatch_attention",
     "unpatch_lora",
     "from_bnb",
