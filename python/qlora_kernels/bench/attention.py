@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,6 +29,21 @@ def _check(ours, theirs, name):
 def _sdpa_gqa(q, k, v, **kw):
     group = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kw)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _flex(q, k, v, seq):
+    """Compiled FlexAttention with a causal block mask and native GQA (GPU only)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, seq, seq, device=q.device)
+    return lambda: _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 def _time_pair(ours, theirs, device, quick, backward, tensors):
@@ -67,13 +83,19 @@ def bench(device: torch.device, quick: bool, copy_gbps: float) -> list[dict]:
                     _check(ours(), theirs(), f"attention s={seq} d={head_dim}")
                 ours_ms, base_ms = _time_pair(ours, theirs, device, quick, backward, (q, k, v))
                 tflops = _flops(batch, heads_q, seq, seq, head_dim, True, backward) / ours_ms / 1e9
-                rows.append({
+                row = {
                     "op": "flash_attention " + ("fwd+bwd" if backward else "fwd"),
                     "shape": f"b{batch} h{heads_q}/{heads_kv} s{seq} d{head_dim}", "dtype": "bfloat16",
                     "ours_ms": round(ours_ms, 4), "baseline": "SDPA (is_causal, GQA by repeat)",
                     "baseline_ms": round(base_ms, 4), "ratio": round(base_ms / ours_ms, 3),
                     "roofline": f"{tflops:.1f} TFLOP/s", "TFLOPs": round(tflops, 2),
-                })
+                }
+                if gpu:
+                    flex = _flex(q, k, v, seq)
+                    _, flex_ms = _time_pair(ours, flex, device, quick, backward, (q, k, v))
+                    row["flex_attention_ms"] = round(flex_ms, 4)
+                    row["ratio_vs_flex"] = round(flex_ms / ours_ms, 3)
+                rows.append(row)
     rows += _alibi(device, quick, dtype)
     rows += _decode(device, quick, dtype)
     rows += _memory(device, dtype)
