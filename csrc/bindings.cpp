@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "binding_utils.h"
 #include "nf4.h"
 
 namespace py = pybind11;
@@ -14,35 +15,9 @@ namespace py = pybind11;
 void bind_attention(py::module_& m);
 void bind_lora(py::module_& m);
 
-namespace {
-
-template <typename T>
-T* ptr(uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
-
-qk::DType dtype_tag(int tag) {
-    if (tag < 0 || tag > 2) throw std::invalid_argument("dtype tag must be 0 (fp32), 1 (fp16) or 2 (bf16)");
-    return static_cast<qk::DType>(tag);
-}
-
-qk::NestedAbsmax nested_of(uintptr_t absmax_q, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
-                           int64_t nested_blocksize) {
-    qk::NestedAbsmax nested;
-    if (absmax_q) {
-        if (!nested_absmax || !nested_code || !offset)
-            throw std::invalid_argument("double quant needs nested_absmax, nested_code and offset");
-        if (nested_blocksize <= 0) throw std::invalid_argument("nested_blocksize must be positive");
-        nested.absmax_q = ptr<const uint8_t>(absmax_q);
-        nested.nested_absmax = ptr<const float>(nested_absmax);
-        nested.nested_code = ptr<const float>(nested_code);
-        nested.offset = ptr<const float>(offset);
-        nested.nested_blocksize = nested_blocksize;
-    }
-    return nested;
-}
-
-}  // namespace
+using qk::binding::dtype_tag;
+using qk::binding::nested_of;
+using qk::binding::ptr;
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "qlora_kernels native kernels (no torch ABI: raw pointers and sizes)";

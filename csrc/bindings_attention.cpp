@@ -8,24 +8,17 @@
 #include <stdexcept>
 
 #include "attention.h"
+#include "binding_utils.h"
 
 namespace py = pybind11;
+
+using qk::binding::ptr;
 
 namespace {
 
 using Strides = std::array<int64_t, 3>;
 
-template <typename T>
-T* ptr(uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
-
 qk::AttentionStrides strides_of(const Strides& s) { return {s[0], s[1], s[2]}; }
-
-qk::DType dtype_of(int tag) {
-    if (tag < 0 || tag > 2) throw std::invalid_argument("dtype tag must be 0 (fp32), 1 (fp16) or 2 (bf16)");
-    return static_cast<qk::DType>(tag);
-}
 
 qk::AttentionArgs args_of(uintptr_t q, const Strides& q_strides, uintptr_t k, const Strides& k_strides, uintptr_t v,
                           const Strides& v_strides, uintptr_t out, const Strides& out_strides, uintptr_t lse,
@@ -43,7 +36,7 @@ qk::AttentionArgs args_of(uintptr_t q, const Strides& q_strides, uintptr_t k, co
     a.v_strides = strides_of(v_strides);
     a.out_strides = strides_of(out_strides);
     a.lse_strides = strides_of(lse_strides);
-    a.dtype = dtype_of(dtype);
+    a.dtype = qk::binding::dtype_tag(dtype);
     a.batch = batch;
     a.heads_q = heads_q;
     a.heads_kv = heads_kv;

@@ -45,6 +45,7 @@
 #include <utility>
 
 #include "lora.h"
+#include "cuda_common.cuh"
 #include "nf4.h"
 #include "nf4_codebook.h"
 
@@ -59,58 +60,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTileBytes = 64 * 1024;
 constexpr int kTileFloats = kTileBytes / 4;
 constexpr int kDefaultSmemBytes = 48 * 1024;
-
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
-
-void check_launch(const char* kernel) {
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess)
-        throw std::runtime_error(std::string(kernel) + " launch failed: " + cudaGetErrorString(err));
-}
-
-int exact_log2(int64_t value) {
-    if (value <= 0 || (value & (value - 1)) != 0) return -1;
-    int shift = 0;
-    while ((int64_t{1} << shift) < value) ++shift;
-    return shift;
-}
-
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-    switch (dtype) {
-        case DType::F32:
-            f(static_cast<float*>(nullptr));
-            return;
-        case DType::F16:
-            f(static_cast<__half*>(nullptr));
-            return;
-        case DType::BF16:
-            f(static_cast<__nv_bfloat16*>(nullptr));
-            return;
-    }
-    throw std::invalid_argument("unknown dtype tag " + std::to_string(static_cast<int>(dtype)));
-}
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-    return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-    return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
 
 // A dequantized fp32 weight rounded to the compute dtype T (and back to fp32): one or two at once.
 template <typename T>

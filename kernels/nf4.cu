@@ -16,6 +16,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "nf4.h"
 #include "nf4_codebook.h"
 
@@ -37,26 +38,8 @@ constexpr int64_t kMaxGrid = int64_t{1} << 20;
 // gets a NaN absmax, which is how callers detect and refuse such a weight.
 __device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 unsigned grid_for(int64_t work_items) {
     return static_cast<unsigned>(std::max<int64_t>(1, std::min(work_items, kMaxGrid)));
-}
-
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
-
-void check_launch(const char* kernel) {
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess)
-        throw std::runtime_error(std::string(kernel) + " launch failed: " + cudaGetErrorString(err));
-}
-
-// log2(value) for a positive power of two, else -1.
-int exact_log2(int64_t value) {
-    if (value <= 0 || (value & (value - 1)) != 0) return -1;
-    int shift = 0;
-    while ((int64_t{1} << shift) < value) ++shift;
-    return shift;
 }
 
 // Block indices are shifts, never divisions, on the hot path.
@@ -66,42 +49,6 @@ int log2_blocksize(int64_t blocksize) {
         throw std::invalid_argument("NF4 blocksize must be a power of two in 32..4096, got " +
                                     std::to_string(blocksize));
     return shift;
-}
-
-// Calls f with a null T* for the element type named by dtype.
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-    switch (dtype) {
-        case DType::F32:
-            f(static_cast<float*>(nullptr));
-            return;
-        case DType::F16:
-            f(static_cast<__half*>(nullptr));
-            return;
-        case DType::BF16:
-            f(static_cast<__nv_bfloat16*>(nullptr));
-            return;
-    }
-    throw std::invalid_argument("unknown dtype tag " + std::to_string(static_cast<int>(dtype)));
-}
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-    return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-    return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
 }
 
 template <typename Pair>

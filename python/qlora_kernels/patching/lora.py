@@ -19,7 +19,7 @@ from torch import nn
 
 from ..lora import lora_linear
 from ..modules import NF4Linear
-from ..nf4 import NF4QuantState
+from .quantize import nf4_state_from_bnb
 
 _warned: set[str] = set()
 
@@ -41,19 +41,12 @@ def _lora_classes():
     return (*classes, LoraLinear4bit)
 
 
-def _bnb_state(base) -> tuple[torch.Tensor, NF4QuantState] | None:
+def _bnb_state(base):
+    """(packed, NF4QuantState) of an NF4 Linear4bit, or None for FP4 or the CPU inference layout."""
     qs = getattr(base.weight, "quant_state", None)
     if qs is None or qs.quant_type != "nf4" or getattr(qs, "packing_format_for_cpu", False):
         return None
-    nested = qs.state2
-    state = NF4QuantState(
-        absmax=qs.absmax, shape=torch.Size(qs.shape), dtype=qs.dtype, blocksize=qs.blocksize, code=qs.code,
-        offset=qs.offset if nested is not None else None,
-        nested_absmax=nested.absmax if nested is not None else None,
-        nested_code=nested.code if nested is not None else None,
-        nested_blocksize=nested.blocksize if nested is not None else 256,
-    )
-    return base.weight.data, state
+    return base.weight.data, nf4_state_from_bnb(qs)
 
 
 def _base_weight(base):

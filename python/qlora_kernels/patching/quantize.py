@@ -92,13 +92,18 @@ def _from_linear4bit(name: str, layer) -> NF4Linear:
         raise NotImplementedError(f"{name}: quant_type {qs.quant_type!r} is not supported, only 'nf4'")
     if getattr(qs, "packing_format_for_cpu", False):
         raise NotImplementedError(f"{name}: bitsandbytes' CPU-repacked inference layout is not supported")
+    state = nf4_state_from_bnb(qs)
+    compute_dtype = layer.compute_dtype or torch.float32
+    return NF4Linear(layer.in_features, layer.out_features, layer.weight.data, state, layer.bias, compute_dtype)
+
+
+def nf4_state_from_bnb(qs) -> NF4QuantState:
+    """bitsandbytes' NF4 QuantState as an NF4QuantState sharing its tensors."""
     nested = qs.state2
-    state = NF4QuantState(
+    return NF4QuantState(
         absmax=qs.absmax, shape=torch.Size(qs.shape), dtype=qs.dtype, blocksize=qs.blocksize, code=qs.code,
         offset=qs.offset if nested is not None else None,
         nested_absmax=nested.absmax if nested is not None else None,
         nested_code=nested.code if nested is not None else None,
         nested_blocksize=nested.blocksize if nested is not None else 256,
     )
-    compute_dtype = layer.compute_dtype or torch.float32
-    return NF4Linear(layer.in_features, layer.out_features, layer.weight.data, state, layer.bias, compute_dtype)
