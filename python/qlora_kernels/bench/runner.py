@@ -54,9 +54,25 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _warm_cpu_allocations() -> None:
+    """Serve CPU allocations from glibc's heap and keep freed memory, as a caching allocator
+    does: otherwise each fresh output above glibc's (moving) mmap threshold is page-faulted in,
+    which costs more than the kernels themselves and flips between runs (one bitsandbytes
+    dequantize of 4096x4096 was timed at 3 ms and at 18 ms depending on the heap's history)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 34)
+
+
 def run(what: str = "nf4", quick: bool = False, out_dir: str = "benchmarks/results",
         device: str | None = None) -> Path:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu":
+        _warm_cpu_allocations()
     suites = list(SUITES) if what == "all" else [what]
     name = device_name(dev)
     print(f"bench {'+'.join(suites)} on {name}{' (quick)' if quick else ''}", flush=True)
@@ -75,6 +91,7 @@ def run(what: str = "nf4", quick: bool = False, out_dir: str = "benchmarks/resul
         "device": name, "date": date, "quick": quick,
         "command": "python -m qlora_kernels bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [what]),
         "copy_bandwidth_GBps": round(copy_gbps, 1), "env": backends(), "rows": rows,
+        "cpu_allocations": "glibc heap, freed memory kept (no first-touch page faults)" if dev.type == "cpu" else None,
     }
     path = out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
