@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
 from .._native import native
 from ..nf4_weight import NF4Weight
-from .common import dtype_tag
+from .common import dtype_tag, nested_pointers
 
 _C = native()
 
@@ -39,14 +38,6 @@ def _tile_rows(N: int, K: int, gemm_dtype: torch.dtype, tile_rows: int | None) -
 
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
-
-
-def _nested_args(nf4: NF4Weight):
-    """(absmax, absmax_q, nested_absmax, nested_code, offset) addresses; 0 where unused."""
-    if nf4.nested_absmax is None:
-        return nf4.absmax.data_ptr(), 0, 0, 0, 0
-    return (0, nf4.absmax.data_ptr(), nf4.nested_absmax.data_ptr(), nf4.nested_code.data_ptr(),
-            nf4.offset.data_ptr())
 
 
 def _checked(nf4: NF4Weight) -> NF4Weight:
@@ -71,22 +62,6 @@ def _checked(nf4: NF4Weight) -> NF4Weight:
     return NF4Weight(packed.contiguous(), absmax, *nested, nf4.blocksize, nf4.nested_blocksize, nf4.shape, nf4.dtype)
 
 
-def _range_reference(nf4: NF4Weight, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-    """Torch version of the range dequantize (used when the native module is missing)."""
-    idx = torch.arange(start, start + count, dtype=torch.int64)
-    byte = nf4.packed[idx // 2].to(torch.int64)
-    codes = torch.where(idx % 2 == 0, byte >> 4, byte & 0xF)
-    blocks = idx // nf4.blocksize
-    first, last = start // nf4.blocksize, (start + count - 1) // nf4.blocksize + 1
-    if nf4.nested_absmax is None:
-        scales = nf4.absmax[first:last].float()
-    else:
-        b = torch.arange(first, last)
-        scales = nf4.nested_code[nf4.absmax[first:last].long()] * nf4.nested_absmax[b // nf4.nested_blocksize]
-        scales = scales + nf4.offset.float()
-    return (reference.nf4_code()[codes] * scales[blocks - first]).to(dtype)
-
-
 def nf4_dequantize_range_cpu(nf4: NF4Weight, start: int, count: int, dtype: torch.dtype,
                              out: torch.Tensor | None = None) -> torch.Tensor:
     """Flat elements [start, start + count) of `nf4`, bit-identical to
@@ -101,9 +76,9 @@ def nf4_dequantize_range_cpu(nf4: NF4Weight, start: int, count: int, dtype: torc
     if count == 0:
         return out[:0]
     if _C is None:
-        out.reshape(-1)[:count].copy_(_range_reference(nf4, start, count, dtype))
-        return out
-    absmax, absmax_q, nested_absmax, nested_code, offset = _nested_args(nf4)
+        raise RuntimeError("the CPU LoRA path needs the native module qlora_kernels._C (build with pip install .)")
+    absmax, absmax_q, nested_absmax, nested_code, offset = nested_pointers(nf4.absmax, nf4.nested_absmax,
+                                                                          nf4.nested_code, nf4.offset)
     _C.nf4_dequantize_range_cpu(
         nf4.packed.data_ptr(), absmax, absmax_q, nested_absmax, nested_code, offset, nf4.nested_blocksize, start,
         count, nf4.blocksize, out.data_ptr(), dtype_tag(dtype), torch.get_num_threads(),
