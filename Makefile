@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
+BUILT := $(VENV)/.native-built
+# the editable install rebuilds _C only when native code or the build description changes
+NATIVE_SOURCES := $(wildcard csrc/* kernels/*) CMakeLists.txt setup.py pyproject.toml
 
 .PHONY: build test demo bench clean
 
@@ -16,8 +19,11 @@ $(STAMP): requirements-dev.txt | $(PY)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-build: $(STAMP)
+$(BUILT): $(STAMP) $(NATIVE_SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
 
 test: build
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -29,4 +35,4 @@ bench: build
 	$(PY) -m qlora_kernels bench all
 
 clean:
-	rm -rf build dist python/*.egg-info python/qlora_kernels/_C*.so
+	rm -rf build dist python/*.egg-info python/qlora_kernels/_C*.so $(BUILT)
