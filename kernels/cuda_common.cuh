@@ -70,4 +70,25 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
 
+// Where a kernel finds a block's absmax: fp32 values, or with double quant
+// nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset, each step rounded on
+// its own (explicit _rn intrinsics: nvcc must not fuse them into an FMA, bitsandbytes does not).
+struct AbsmaxSource {
+    const float* __restrict__ absmax;
+    const uint8_t* __restrict__ absmax_q;  // non-null: double quant
+    const float* __restrict__ nested_absmax;
+    const float* __restrict__ nested_code;
+    const float* __restrict__ offset;
+    int64_t nested_blocksize;
+    int nested_shift;  // log2(nested_blocksize), or -1 when it is not a power of two
+};
+
+// `offset` is *src.offset, loaded once per thread by the caller.
+__device__ __forceinline__ float block_absmax(const AbsmaxSource& src, float offset, int64_t block) {
+    if (src.absmax_q == nullptr) return __ldg(src.absmax + block);
+    const int64_t nested_block = src.nested_shift >= 0 ? block >> src.nested_shift : block / src.nested_blocksize;
+    const float code = __ldg(src.nested_code + __ldg(src.absmax_q + block));
+    return __fadd_rn(__fmul_rn(code, __ldg(src.nested_absmax + nested_block)), offset);
+}
+
 }  // namespace qk

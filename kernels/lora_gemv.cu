@@ -80,23 +80,6 @@ __device__ __forceinline__ void round_pair(float& a, float& b, __half*) {
     b = __high2float(pair);
 }
 
-struct AbsmaxSource {
-    const float* __restrict__ absmax;
-    const uint8_t* __restrict__ absmax_q;  // non-null: double quant
-    const float* __restrict__ nested_absmax;
-    const float* __restrict__ nested_code;
-    const float* __restrict__ offset;
-    int64_t nested_blocksize;
-    int nested_shift;  // log2(nested_blocksize), or -1 when it is not a power of two
-};
-
-__device__ __forceinline__ float block_absmax(const AbsmaxSource& src, float offset, int64_t block) {
-    if (src.absmax_q == nullptr) return __ldg(src.absmax + block);
-    const int64_t nested_block = src.nested_shift >= 0 ? block >> src.nested_shift : block / src.nested_blocksize;
-    const float code = __ldg(src.nested_code + __ldg(src.absmax_q + block));
-    return __fadd_rn(__fmul_rn(code, __ldg(src.nested_absmax + nested_block)), offset);
-}
-
 template <typename T>
 struct GemvArgs {
     const T* __restrict__ x;  // [M, K]

@@ -158,23 +158,6 @@ __global__ void __launch_bounds__(kThreads)
 // NF4 dequantize
 // ---------------------------------------------------------------------------------------
 
-struct AbsmaxSource {
-    const float* __restrict__ absmax;
-    const uint8_t* __restrict__ absmax_q;  // non-null: double quant
-    const float* __restrict__ nested_absmax;
-    const float* __restrict__ nested_code;
-    const float* __restrict__ offset;
-    int64_t nested_blocksize;
-    int nested_shift;  // log2(nested_blocksize), or -1 when it is not a power of two
-};
-
-__device__ __forceinline__ float block_absmax(const AbsmaxSource& src, float offset, int64_t block) {
-    if (src.absmax_q == nullptr) return __ldg(src.absmax + block);
-    const int64_t nested_block = src.nested_shift >= 0 ? block >> src.nested_shift : block / src.nested_blocksize;
-    const float code = __ldg(src.nested_code + __ldg(src.absmax_q + block));
-    return __fadd_rn(__fmul_rn(code, __ldg(src.nested_absmax + nested_block)), offset);
-}
-
 __device__ __forceinline__ float load_offset(const AbsmaxSource& src) {
     return src.absmax_q == nullptr ? 0.0f : __ldg(src.offset);
 }
