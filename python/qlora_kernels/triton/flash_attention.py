@@ -487,6 +487,23 @@ class _Problem(NamedTuple):
     flags: dict
 
 
+def side_inputs(q, alibi_slopes, key_padding_mask, heads_q, batch, seqlen_k):
+    """(slopes, key_mask, mask_strides) as the kernels read them; q stands in for an unused pointer."""
+    if alibi_slopes is not None:
+        if alibi_slopes.numel() != heads_q:
+            raise ValueError(f"alibi_slopes needs {heads_q} values (one per query head)")
+        slopes = alibi_slopes.reshape(-1).to(device=q.device, dtype=torch.float32).contiguous()
+    else:
+        slopes = q
+    if key_padding_mask is None:
+        return slopes, q, (0, 0)
+    if tuple(key_padding_mask.shape) != (batch, seqlen_k):
+        raise ValueError(f"key_padding_mask must be [{batch}, {seqlen_k}]")
+    # bool and uint8 share a byte, so the mask is read in place
+    key_mask = key_padding_mask.to(device=q.device, dtype=torch.bool).view(torch.uint8)
+    return slopes, key_mask, (key_mask.stride(0), key_mask.stride(1))
+
+
 def _problem(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen) -> _Problem:
     varlen = cu_seqlens is not None
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -516,20 +533,7 @@ def _problem(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_
         if k.shape[0] != num_seqs:
             raise ValueError(f"batch sizes differ: q {num_seqs}, k {k.shape[0]}")
         cu_seqlens = q  # unused pointer
-    if alibi_slopes is not None:
-        if alibi_slopes.numel() != heads_q:
-            raise ValueError(f"alibi_slopes needs {heads_q} values (one per query head)")
-        slopes = alibi_slopes.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-    else:
-        slopes = q  # unused pointer
-    if key_padding_mask is not None:
-        if tuple(key_padding_mask.shape) != (num_seqs, seqlen_k):
-            raise ValueError(f"key_padding_mask must be [{num_seqs}, {seqlen_k}]")
-        # bool and uint8 share a byte, so the mask is read in place
-        key_mask = key_padding_mask.to(device=device, dtype=torch.bool).view(torch.uint8)
-        mask_strides = (key_mask.stride(0), key_mask.stride(1))
-    else:
-        key_mask, mask_strides = q, (0, 0)
+    slopes, key_mask, mask_strides = side_inputs(q, alibi_slopes, key_padding_mask, heads_q, num_seqs, seqlen_k)
     block_d = max(16, triton.next_power_of_2(head_dim))
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_ALIBI=alibi_slopes is not None,
                  HAS_KPM=key_padding_mask is not None, IS_VARLEN=varlen,

@@ -33,6 +33,7 @@ from qlora_kernels.triton.flash_attention import (
     _fwd_inner,
     _interpreting,
     _unit_last,
+    side_inputs,
 )
 
 __all__ = ["flash_decode_triton"]
@@ -150,19 +151,7 @@ def flash_decode_triton(
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     group = Hq // Hkv
 
-    if alibi_slopes is not None:
-        if alibi_slopes.numel() != Hq:
-            raise ValueError(f"alibi_slopes needs {Hq} values (one per query head)")
-        slopes = alibi_slopes.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-    else:
-        slopes = q  # unused pointer
-    if key_padding_mask is not None:
-        if tuple(key_padding_mask.shape) != (B, Sk):
-            raise ValueError(f"key_padding_mask must be [{B}, {Sk}]")
-        key_mask = key_padding_mask.to(device=device, dtype=torch.bool).view(torch.uint8)
-        mask_strides = (key_mask.stride(0), key_mask.stride(1))
-    else:
-        key_mask, mask_strides = q, (0, 0)
+    slopes, key_mask, mask_strides = side_inputs(q, alibi_slopes, key_padding_mask, Hq, B, Sk)
 
     interpret = _interpreting()
     fp32 = q.dtype == torch.float32
