@@ -2,12 +2,15 @@
 
 Public API
 ----------
+patch(model, attention=True, lora=True, quantize=None, strict=True) -> model
+    the two lines: HF Llama / OPT / Bloom (plain or PEFT) through the kernels below.
+unpatch(model) -> model                 stock behaviour again; patch_report(model) says what patch did.
 nf4_quantize(weight, blocksize=64, double_quant=True, quant_storage=torch.uint8)
     -> (packed, NF4QuantState); bitsandbytes' NF4 bytes.
 nf4_dequantize(packed, state, dtype=None) -> tensor of state.shape.
 NF4Linear.from_linear(linear, ...)      frozen 4-bit linear, bitsandbytes state dict.
 quantize_model(model, ...)              nn.Linear -> NF4Linear (skips lm_head).
-from_bnb(model)                         bitsandbytes Linear4bit -> NF4Linear, bytes shared.
+from_bnb(model) / to_bnb(model)         bitsandbytes Linear4bit <-> NF4Linear, bytes shared.
 flash_attention(q, k, v, *, causal=True, ...)  O(N)-memory attention, GQA, ALiBi, padding, packing.
 lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA.
 patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
@@ -26,7 +29,19 @@ from .env import backends
 from .lora import lora_linear
 from .modules import NF4Linear
 from .nf4 import NF4QuantState, bits_per_parameter, nf4_dequantize, nf4_quantize
-from .patching import from_bnb, patch_attention, patch_lora, quantize_model, unpatch_attention, unpatch_lora
+from .patching import (
+    PatchReport,
+    from_bnb,
+    patch,
+    patch_attention,
+    patch_lora,
+    patch_report,
+    quantize_model,
+    to_bnb,
+    unpatch,
+    unpatch_attention,
+    unpatch_lora,
+)
 from .patching.attention import register as register_attention
 
 __version__ = "0.1.0"
@@ -37,6 +52,11 @@ if "transformers" in sys.modules:  # importing transformers ourselves would cost
 __all__ = [
     "NF4Linear",
     "NF4QuantState",
+    "PatchReport",
+    "patch",
+    "patch_report",
+    "to_bnb",
+    "unpatch",
     "backends",
     "bits_per_parameter",
     "flash_attention",

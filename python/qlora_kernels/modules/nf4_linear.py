@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -20,6 +22,9 @@ class NF4Linear(nn.Module):
     `weight.quant_state.bitsandbytes__nf4`). Casting the module (`.half()`, `.to(bf16)`)
     never casts the packed bytes or the quant state: only the bias follows.
     """
+
+    # set by from_bnb: how to rebuild the bitsandbytes Linear4bit this layer came from
+    bnb_origin: dict | None = None
 
     def __init__(
         self,
@@ -65,11 +70,19 @@ class NF4Linear(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)
         for name in _STATE_FIELDS:
             self.register_buffer(name, getattr(state, name), persistent=False)
-        self._meta = (state.shape, state.dtype, state.blocksize, state.nested_blocksize)
+        self._meta = (state.shape, state.dtype, state.blocksize, state.nested_blocksize, packed.dtype)
 
     @property
     def quant_state(self) -> NF4QuantState:
-        shape, dtype, blocksize, nested_blocksize = self._meta
+        shape, dtype, blocksize, nested_blocksize, storage = self._meta
+        if self.weight.dtype != storage:
+            # a bf16 -> fp16 cast keeps the byte count and would silently scramble the codes
+            raise TypeError(
+                f"NF4Linear: the packed 4-bit weight is stored as {storage} but is now {self.weight.dtype}: something "
+                "cast its bytes as if they were numbers (e.g. FSDP2 MixedPrecisionPolicy(param_dtype=...), or peft's "
+                f"prepare_model_for_kbit_training run after quantizing). Use param_dtype=None or {storage} (the quant "
+                "storage), or quant_storage=torch.uint8, which FSDP never casts"
+            )
         return NF4QuantState(
             absmax=self.absmax, shape=shape, dtype=dtype, blocksize=blocksize, code=self.code,
             offset=self.offset, nested_absmax=self.nested_absmax, nested_code=self.nested_code,
@@ -82,6 +95,15 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return nf4_dequantize(self.weight, self.quant_state, dtype)
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by NF4(`weight`) with this layer's blocksize, double
+        quant, quant storage and dtype (a LoRA merge: lossy, as bitsandbytes' is)."""
+        s = self.quant_state
+        if tuple(weight.shape) != tuple(s.shape):
+            raise ValueError(f"requantize_: weight shape {tuple(weight.shape)}, layer {tuple(s.shape)}")
+        packed, state = nf4_quantize(weight.to(s.dtype), s.blocksize, s.double_quant, self.quant_storage)
+        self._set_weight(packed.to(self.weight.device), state.to(self.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize(self.compute_dtype)
@@ -105,8 +127,16 @@ class NF4Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, value in state_to_dict(self.quant_state).items():
+        entries = state_to_dict(self.quant_state)
+        for key, value in entries.items():
             destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+        # torch.distributed.checkpoint's get_model_state_dict resolves every key by getattr
+        # along its dotted path ("weight.absmax" -> layer.weight.absmax), which bitsandbytes'
+        # Params4bit allows. FSDP2 registers Parameter objects of its own, so the one in place
+        # now gets the attributes, as the state dict is written (before that lookup).
+        for key, value in entries.items():
+            head, _, tail = key.partition(".")
+            setattr(self.weight, head, types.SimpleNamespace(**{tail: value}) if tail else value)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -7,6 +7,9 @@ as before. A call the kernel does not cover (several active adapters, mixed-batc
 names, DoRA and other variants, fan_in_fan_out, a trainable base weight, merged weights)
 takes PEFT's own forward; combinations that are a configuration rather than a mode
 (several adapters, variants, fan_in_fan_out) warn once.
+
+PEFT merges into a dense or bitsandbytes base by itself; into an NF4Linear base the patched
+layer merges as bitsandbytes does: dequantize, add the LoRA delta, requantize (lossy).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from ..lora import lora_linear
 from ..modules import NF4Linear
-from .quantize import nf4_state_from_bnb
+from .quantize import _bnb_quant_state, nf4_state_from_bnb
 
 _warned: set[str] = set()
 
@@ -43,7 +46,7 @@ def _lora_classes():
 
 def _bnb_state(base):
     """(packed, NF4QuantState) of an NF4 Linear4bit, or None for FP4 or the CPU inference layout."""
-    qs = getattr(base.weight, "quant_state", None)
+    qs = _bnb_quant_state(base)
     if qs is None or qs.quant_type != "nf4" or getattr(qs, "packing_format_for_cpu", False):
         return None
     return base.weight.data, nf4_state_from_bnb(qs)
@@ -93,19 +96,55 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def _nf4_merge_adapters(self, adapters: list[str], sign: float, safe_merge: bool) -> None:
+    base = self.get_base_layer()
+    for adapter in adapters:
+        if adapter in self.lora_variant or self.lora_B[adapter].bias is not None:
+            raise NotImplementedError(f"merging adapter {adapter!r} (a LoRA variant or lora_bias) into an NF4Linear "
+                                      "base is not supported")
+        weight = base.dequantize(torch.float32) + sign * self.get_delta_weight(adapter).float()
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs detected in the merged weights; the adapter {adapter!r} seems to be broken")
+        base.requantize_(weight)
+
+
+def _merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    if not isinstance(self.get_base_layer(), NF4Linear):
+        return type(self).merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
+    _nf4_merge_adapters(self, adapters, 1.0, safe_merge)
+    self.merged_adapters.extend(adapters)
+
+
+def _unmerge(self) -> None:
+    if not isinstance(self.get_base_layer(), NF4Linear):
+        return type(self).unmerge(self)
+    while self.merged_adapters:
+        adapter = self.merged_adapters[-1]
+        _nf4_merge_adapters(self, [adapter], -1.0, False)
+        self.merged_adapters.pop()
+
+
+_METHODS = {"forward": _fused_forward, "merge": _merge, "unmerge": _unmerge}
+
+
 def patch_lora(model: nn.Module) -> list[str]:
     """Route the PEFT LoRA layers of `model` through the fused op; returns their names."""
     classes = _lora_classes()
     patched = []
     for name, module in model.named_modules():
         if isinstance(module, classes) and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_fused_forward, module)
+            for attr, fn in _METHODS.items():
+                setattr(module, attr, types.MethodType(fn, module))
             patched.append(name)
     return patched
 
 
 def unpatch_lora(model: nn.Module) -> None:
-    """Give every patched LoRA layer its PEFT forward back."""
+    """Give every patched LoRA layer its PEFT methods back."""
     for module in model.modules():
-        if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is _fused_forward:
-            del module.forward
+        for attr, fn in _METHODS.items():
+            if getattr(module.__dict__.get(attr), "__func__", None) is fn:
+                delattr(module, attr)

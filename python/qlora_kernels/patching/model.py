@@ -1,0 +1,210 @@
+"""`patch(model)` / `unpatch(model)`: the two lines a user adds to a QLoRA script.
+
+patch puts together the pieces of this package on a Hugging Face Llama, OPT or Bloom model,
+plain or wrapped by PEFT:
+
+- attention -> flash_attention (patching/attention.py);
+- `quantize="nf4"`: nn.Linear base layers -> NF4Linear (never lm_head or LoRA's own weights);
+- on a model that holds PEFT LoRA layers: bitsandbytes NF4 `Linear4bit` -> NF4Linear (same
+  bytes, shared) and the LoRA layers -> the fused lora_linear op (patching/lora.py).
+
+Called before `get_peft_model`, the bitsandbytes layers stay `Linear4bit`: PEFT has to see
+them to wrap them (it cannot wrap an NF4Linear), and `prepare_model_for_kbit_training` has
+to recognise their weights. The LoRA layers PEFT adds later are fused on the model's first
+forward, reading the `Linear4bit` bytes in place; calling patch again after
+`get_peft_model` converts the layers as well. Each call patches only what is not patched
+yet, so patching twice is a no-op. unpatch undoes all of it except `quantize="nf4"`, which
+changes weights rather than code paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from ..modules import NF4Linear
+from .attention import patch_attention, unpatch_attention
+from .lora import _lora_classes, patch_lora, unpatch_lora
+from .quantize import bnb_linear4bit_layers, from_bnb, quantize_model, quantize_targets, to_bnb, why_not_convertible
+
+# model_type -> what the attention patch covers
+SUPPORTED = {
+    "llama": "LlamaForCausalLM (GQA included): attention interface",
+    "opt": "OPTForCausalLM: attention interface",
+    "bloom": "BloomForCausalLM: attention forward with ALiBi in-kernel",
+}
+_REPORT = "_qlora_kernels_patch"
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What patch did to a model (`qlora_kernels.patch_report(model)`)."""
+
+    family: str | None = None
+    attention: str | None = None
+    quantized: list[str] = dataclasses.field(default_factory=list)  # nn.Linear -> NF4Linear
+    converted: list[str] = dataclasses.field(default_factory=list)  # Linear4bit -> NF4Linear
+    lora_layers: list[str] = dataclasses.field(default_factory=list)  # fused
+    lora_pending: bool = False  # fused at the first forward (patched before get_peft_model)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"family={self.family}", f"attention={self.attention}", f"quantized={len(self.quantized)}",
+                 f"converted from bitsandbytes={len(self.converted)}", f"fused LoRA layers={len(self.lora_layers)}"]
+        if self.lora_pending:
+            parts.append("LoRA layers added later are fused at the first forward")
+        if self.skipped:
+            parts.append("skipped: " + "; ".join(self.skipped))
+        return "qlora_kernels.patch: " + ", ".join(parts)
+
+
+def _transformers_model(model: nn.Module) -> nn.Module | None:
+    """The transformers PreTrainedModel inside `model` (itself, or under PEFT's wrappers)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    return None
+
+
+def _has_lora(model: nn.Module) -> bool:
+    try:
+        classes = _lora_classes()
+    except ImportError:  # no PEFT, no LoRA layers
+        return False
+    return any(isinstance(m, classes) for m in model.modules())
+
+
+def _first_block(model: nn.Module) -> nn.Module:
+    # PEFT calls the wrapped model's .forward() directly, which skips that module's hooks; the
+    # decoder blocks are always called through __call__.
+    for name, module in model.named_modules():
+        if name.endswith((".layers.0", ".h.0")):
+            return module
+    return model
+
+
+def _fuse_on_first_forward(root: nn.Module, report: PatchReport) -> None:
+    ref = weakref.ref(root)
+
+    def hook(module, args):
+        if torch.compiler.is_compiling():  # no module surgery inside a traced graph
+            return
+        model = ref()
+        if model is None or not _has_lora(model):
+            return
+        report.lora_layers += patch_lora(model)
+        report.lora_pending = False
+        handle.remove()
+
+    handle = _first_block(root).register_forward_pre_hook(hook)
+    root._qlora_kernels_hook = handle
+    report.lora_pending = True
+
+
+def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize: str | None = None,
+          strict: bool = True) -> nn.Module:
+    """Route `model` (HF Llama / OPT / Bloom, plain or PEFT-wrapped) through qlora_kernels.
+
+    attention: flash_attention in every attention layer.
+    lora: PEFT LoRA layers -> fused base + LoRA op; their bitsandbytes NF4 bases -> NF4Linear
+        (same bytes). Before get_peft_model: fused at the first forward (see the module doc).
+    quantize: None, or "nf4" to quantize the nn.Linear base layers (blocksize 64, double
+        quant, compute in the layer's dtype). Before get_peft_model this leaves nothing PEFT
+        can wrap: for LoRA training call patch after get_peft_model.
+    strict: an unsupported architecture or layer raises ValueError before anything changes;
+        with strict=False the rest is patched and what was skipped is warned about and listed
+        in `patch_report(model).skipped`.
+
+    Returns `model`. Patching again changes nothing that is already patched. Layer names in
+    the report are relative to the transformers model (PEFT's `get_base_model()`).
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r} is not supported; use None or 'nf4'")
+    hf = _transformers_model(model)
+    root = hf if hf is not None else model
+    report = root.__dict__.get(_REPORT) or PatchReport()
+    skipped = []
+
+    model_type = getattr(getattr(hf, "config", None), "model_type", None)
+    supported = model_type in SUPPORTED
+    if attention and not supported:
+        what = f"model_type {model_type!r}" if hf is not None else f"{type(model).__name__} (not a transformers model)"
+        skipped.append(f"attention: {what} is not supported; supported: " +
+                       ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
+    lora_here = lora and _has_lora(root)
+    bnb_layers = bnb_linear4bit_layers(root) if lora_here else []
+    unconvertible = [(n, why) for n, m in bnb_layers if (why := why_not_convertible(m))]
+    skipped += [f"{n}: {why}; left to bitsandbytes" for n, why in unconvertible]
+    if skipped and strict:
+        raise ValueError("qlora_kernels.patch: " + "; ".join(skipped) + " (strict=False patches the rest)")
+
+    report.family = model_type if supported else report.family
+    if attention and supported:
+        report.attention = ", ".join(patch_attention(hf))
+    if quantize == "nf4" and quantize_targets(root):
+        names = [n for n, _ in quantize_targets(root)]
+        dtype = next(m.weight.dtype for _, m in quantize_targets(root))
+        compute_dtype = dtype if dtype.is_floating_point and dtype != torch.float64 else torch.bfloat16
+        quantize_model(root, compute_dtype=compute_dtype)
+        report.quantized += names
+    if lora_here:
+        bad = {n for n, _ in unconvertible}
+        convertible = [n for n, _ in bnb_layers if n not in bad]
+        if convertible and not bad:
+            from_bnb(root, progress=False)
+        elif convertible:
+            _convert_some(root, convertible)
+        report.converted += convertible
+        report.lora_layers += patch_lora(root)
+    elif lora and "_qlora_kernels_hook" not in root.__dict__:
+        _fuse_on_first_forward(root, report)
+    report.skipped += skipped
+    if skipped:
+        warnings.warn("qlora_kernels.patch skipped: " + "; ".join(skipped), stacklevel=2)
+    root.__dict__[_REPORT] = report
+    return model
+
+
+def _convert_some(model: nn.Module, names: list[str]) -> None:
+    # from_bnb converts all or nothing; with strict=False only the convertible layers go
+    from .quantize import _from_linear4bit, _set_submodule
+
+    for name in names:
+        _set_submodule(model, name, _from_linear4bit(model.get_submodule(name)))
+
+
+def patch_report(model: nn.Module) -> PatchReport | None:
+    """What patch did to `model`, or None if it is not patched."""
+    hf = _transformers_model(model)
+    return (hf if hf is not None else model).__dict__.get(_REPORT)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo patch: stock attention, PEFT's LoRA forward, NF4Linear layers that came from
+    bitsandbytes back to Linear4bit (over the same tensors). Layers quantized by
+    `patch(quantize="nf4")` stay NF4Linear. Returns `model`; a no-op on an unpatched model."""
+    hf = _transformers_model(model)
+    root = hf if hf is not None else model
+    report = root.__dict__.pop(_REPORT, None)
+    if report is None:
+        return model
+    handle = root.__dict__.pop("_qlora_kernels_hook", None)
+    if handle is not None:
+        handle.remove()
+    unpatch_lora(model)
+    if hf is not None and report.attention is not None:
+        unpatch_attention(hf)
+    if report.converted:
+        to_bnb(model)
+    return model
+
+
+__all__ = ["PatchReport", "SUPPORTED", "patch", "patch_report", "unpatch"]
