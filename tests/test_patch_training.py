@@ -159,3 +159,34 @@ def test_compile_fullgraph_training_step(checkpoints):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
+
+
+def _sft_losses(model, out, padding_free):
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    vocab = {f"t{i}": i for i in range(128)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        pad_token="t0", eos_token="t1")
+    # lengths 10 ... 31: padded batches, or packed ones (padding_free) whose sequences
+    # restart their position_ids, which patch turns into cu_seqlens (on this random model
+    # attention is near uniform, so the loss hardly sees leaks across packed sequences: the
+    # packing itself is tested in test_attention_models.py)
+    data = Dataset.from_dict({"input_ids": [batch(300 + i, shape=(1, 10 + 3 * i))[0].tolist() for i in range(8)]})
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-3,
+                     logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                     dataloader_num_workers=0, padding_free=padding_free, max_length=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
+
+
+def test_trl_sft_trainer_padded_and_padding_free(checkpoints, tmp_path):
+    stock = _sft_losses(add_lora(load_4bit(checkpoints / "llama")), tmp_path / "stock", padding_free=False)
+    padded = _sft_losses(qk.patch(add_lora(load_4bit(checkpoints / "llama"))), tmp_path / "padded", False)
+    packed = _sft_losses(qk.patch(add_lora(load_4bit(checkpoints / "llama"))), tmp_path / "packed", True)
+    assert len(stock) == 4
+    torch.testing.assert_close(padded, stock, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed, stock, atol=5e-4, rtol=1e-4)
