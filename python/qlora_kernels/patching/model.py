@@ -98,7 +98,11 @@ def _fuse_on_first_forward(root: nn.Module, report: PatchReport) -> None:
         if torch.compiler.is_compiling():  # no module surgery inside a traced graph
             return
         model = ref()
-        if model is None or not _has_lora(model):
+        # PEFT marks the model it injected into (get_peft_model, or transformers' add_adapter):
+        # an O(1) test per forward until then, so generate() on a plain model pays nothing
+        if model is None or not (hasattr(model, "peft_config") or getattr(model, "_hf_peft_config_loaded", False)):
+            return
+        if not _has_lora(model):
             return
         report.lora_layers += patch_lora(model)
         report.lora_pending = False
