@@ -3,13 +3,14 @@ QLoRA stack) and vs a plain bf16 x·Wᵀ without LoRA (the ceiling), on the same
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from ..lora import lora_linear
 from ..modules import NF4Linear
-from .memory import cuda_peak_mb
-from .timing import median_ms
+from .case import Case, close_check, step
 
 
 def _peft_layer(base: nn.Module, rank: int):
@@ -32,19 +33,11 @@ def _bnb_base(linear: nn.Linear, device):
     return layer.to(device).train()  # train mode: bitsandbytes' CPU inference repacking stays off
 
 
-def _step(fn, x, params, backward):
-    if not backward:
-        return fn
-
-    def run():
-        y = fn()
-        y.backward(torch.ones_like(y))
-        for t in (x, *params):
-            t.grad = None
-    return run
+def _adapter(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
 
-def bench(device: torch.device, quick: bool, copy_gbps: float) -> list[dict]:
+def cases(device: torch.device, quick: bool) -> Iterator[Case]:
     gpu = device.type == "cuda"
     if gpu:
         shapes = ((4096, 4096),) if quick else ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -55,7 +48,6 @@ def bench(device: torch.device, quick: bool, copy_gbps: float) -> list[dict]:
         tokens = (16, 512) if quick else (1, 16, 512)
         ranks = (16,)
     dtype = torch.bfloat16
-    rows = []
     for out_features, in_features in shapes:
         torch.manual_seed(0)
         linear = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype).requires_grad_(False)
@@ -63,43 +55,33 @@ def bench(device: torch.device, quick: bool, copy_gbps: float) -> list[dict]:
         for rank in ranks:
             peft_dense, dense_layer = _peft_layer(linear, rank)
             peft_bnb, bnb_layer = _peft_layer(_bnb_base(linear, device), rank)
-            A, B = dense_layer.lora_A["default"].weight, dense_layer.lora_B["default"].weight
             with torch.no_grad():
-                bnb_layer.lora_A["default"].weight.copy_(A)
-                bnb_layer.lora_B["default"].weight.copy_(B)
-            scaling = dense_layer.scaling["default"]
+                for theirs, ours in zip(_adapter(bnb_layer), _adapter(dense_layer)):
+                    theirs.copy_(ours)
             for m in tokens:
                 x = torch.randn(m, in_features, device=device, dtype=dtype, requires_grad=True)
-                with torch.no_grad():
-                    want = peft_dense(x)
-                    got = lora_linear(x, linear.weight, None, A, B, scaling)
-                    err = (got.float() - want.float()).abs().max().item()
-                    if err > 2e-2 * want.float().abs().max().item() + 1e-2:
-                        raise AssertionError(f"lora m={m} r={rank}: ours differs from PEFT by {err:.3g}")
                 for backward in ((False,) if m <= 16 else (False, True)):
-                    params = (A, B)
-                    ours = {
-                        "dense": _step(lambda: lora_linear(x, linear.weight, None, A, B, scaling), x, params, backward),
-                        "nf4": _step(lambda: lora_linear(x, nf4, None, A, B, scaling), x, params, backward),
-                    }
-                    baselines = {
-                        "dense": ("PEFT over nn.Linear", _step(lambda: peft_dense(x), x, params, backward)),
-                        "nf4": ("PEFT over bnb Linear4bit", _step(lambda: peft_bnb(x), x, params, backward)),
-                    }
-                    ceiling = median_ms(_step(lambda: x @ linear.weight.t(), x, (), backward), device, quick)
-                    for base in ("dense", "nf4"):
-                        name, theirs = baselines[base]
-                        ours_ms = median_ms(ours[base], device, quick)
-                        base_ms = median_ms(theirs, device, quick)
-                        row = {
-                            "op": f"lora_linear {base} {'fwd+bwd' if backward else 'fwd'}",
-                            "shape": f"m{m} {in_features}->{out_features} r{rank}", "dtype": "bfloat16",
-                            "ours_ms": round(ours_ms, 4), "baseline": name, "baseline_ms": round(base_ms, 4),
-                            "ratio": round(base_ms / ours_ms, 3), "bf16_mm_ms": round(ceiling, 4),
-                            "roofline": f"{ours_ms / ceiling:.2f}x plain bf16 mm time",
-                        }
-                        if gpu and backward:
-                            row["ours_peak_MB"] = round(cuda_peak_mb(ours[base]), 1)
-                            row["baseline_peak_MB"] = round(cuda_peak_mb(theirs), 1)
-                        rows.append(row)
-    return rows
+                    yield _case("dense", linear.weight, peft_dense, dense_layer, linear.weight, x, backward, gpu)
+                    yield _case("nf4", nf4, peft_bnb, bnb_layer, linear.weight, x, backward, gpu)
+
+
+def _case(base: str, weight, peft: nn.Module, peft_layer, dense_weight: torch.Tensor, x: torch.Tensor,
+          backward: bool, gpu: bool) -> Case:
+    """lora_linear over `weight` with PEFT's adapter vs `peft` itself; one forward or one training step."""
+    A, B = _adapter(peft_layer)
+    scaling = peft_layer.scaling["default"]
+    ours = lambda: lora_linear(x, weight, None, A, B, scaling)  # noqa: E731
+    theirs = lambda: peft(x)  # noqa: E731
+    ceiling = lambda: x @ dense_weight.t()  # noqa: E731
+    grad_of = (x, A, B) if backward else ()
+    out_features, in_features = dense_weight.shape
+    return Case(
+        op=f"lora_linear {base} {'fwd+bwd' if backward else 'fwd'}",
+        shape=f"m{x.shape[0]} {in_features}->{out_features} r{A.shape[0]}", dtype="bfloat16",
+        ours=step(ours, grad_of), baseline=step(theirs, grad_of),
+        baseline_name="PEFT over nn.Linear" if base == "dense" else "PEFT over bnb Linear4bit",
+        check=close_check(ours, theirs, grad_of, grad_of, atol=1e-2),
+        also={"bf16_mm": step(ceiling, grad_of[:1])},
+        roofline=lambda ms, _: {"roofline": f"{ms['ours'] / ms['bf16_mm']:.2f}x plain bf16 mm time"},
+        peak_memory=gpu and backward,
+    )

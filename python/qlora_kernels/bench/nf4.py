@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .. import nf4_dequantize, nf4_quantize
-from .timing import median_ms
+from .case import Case
 
 # (out_features, in_features) of the projections in BENCHMARKS.md
 SHAPES = {
@@ -21,54 +23,49 @@ SHAPES = {
     "opt-2.7b fc1 10240x2560": (10240, 2560),
 }
 QUICK = ("llama-7b q/o 4096x4096", "llama-3-8b k/v 1024x4096", "bloom-560m qkv 3072x1024")
+BLOCKSIZE = 64
 
 
-def _bnb():
-    import bitsandbytes.functional as F
+def cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    for name in QUICK if quick else SHAPES:
+        yield from _layer_cases(name, SHAPES[name], device)
 
-    return F
 
+def _layer_cases(name: str, shape: tuple[int, int], device: torch.device) -> Iterator[Case]:
+    import bitsandbytes.functional as bnb
 
-def bench(device: torch.device, quick: bool, copy_gbps: float) -> list[dict]:
-    F = _bnb()
-    rows = []
-    names = QUICK if quick else tuple(SHAPES)
-    for name in names:
-        shape = SHAPES[name]
-        w = torch.randn(shape, dtype=torch.bfloat16, device=device)
-        packed, state = nf4_quantize(w, 64, True, torch.bfloat16)
-        b_packed, b_state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
-                                            quant_storage=torch.bfloat16)
+    w = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    ours_quantize = lambda: nf4_quantize(w, BLOCKSIZE, True, torch.bfloat16)  # noqa: E731
+    bnb_quantize = lambda: bnb.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True,  # noqa: E731
+                                             quant_type="nf4", quant_storage=torch.bfloat16)
+    packed, state = ours_quantize()
+    b_packed, b_state = bnb_quantize()
+    ours_dequantize = lambda: nf4_dequantize(packed, state)  # noqa: E731
+    bnb_dequantize = lambda: bnb.dequantize_4bit(b_packed, b_state, quant_type="nf4")  # noqa: E731
+
+    def same_bytes():
         if not (torch.equal(packed.view(torch.uint8), b_packed.view(torch.uint8))
                 and torch.equal(state.absmax, b_state.absmax)):
-            raise AssertionError(f"{name}: our NF4 bytes differ from bitsandbytes'")
-        out = nf4_dequantize(packed, state)
-        if not torch.equal(out, F.dequantize_4bit(b_packed, b_state, quant_type="nf4")):
-            raise AssertionError(f"{name}: our dequantize differs from bitsandbytes'")
+            raise AssertionError("our NF4 bytes differ from bitsandbytes'")
 
-        n = w.numel()
-        state_bytes = sum(t.numel() * t.element_size() for t in state.tensors().values())
-        quant_bytes = 2 * n + n // 2 + state_bytes  # read bf16, write packed + state
-        dequant_bytes = n // 2 + state_bytes + 2 * n  # read packed + state, write bf16
-        for op, ours, theirs, nbytes in (
-            ("nf4_quantize (double quant)",
-             lambda: nf4_quantize(w, 64, True, torch.bfloat16),
-             lambda: F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
-                                     quant_storage=torch.bfloat16),
-             quant_bytes),
-            ("nf4_dequantize -> bf16",
-             lambda: nf4_dequantize(packed, state),
-             lambda: F.dequantize_4bit(b_packed, b_state, quant_type="nf4"),
-             dequant_bytes),
-        ):
-            ours_ms = median_ms(ours, device, quick)
-            base_ms = median_ms(theirs, device, quick)
-            gbps = nbytes / ours_ms / 1e6
-            rows.append({
-                "op": op, "shape": list(shape), "name": name, "dtype": "bfloat16", "blocksize": 64,
-                "ours_ms": round(ours_ms, 4), "baseline": "bitsandbytes", "baseline_ms": round(base_ms, 4),
-                "ratio": round(base_ms / ours_ms, 3), "ours_GBps": round(gbps, 1),
-                "pct_of_copy_bandwidth": round(100 * gbps / copy_gbps, 1),
-                "roofline": f"{gbps:.1f} GB/s, {100 * gbps / copy_gbps:.0f}% of copy",
-            })
-    return rows
+    def same_values():
+        if not torch.equal(ours_dequantize(), bnb_dequantize()):
+            raise AssertionError("our dequantize differs from bitsandbytes'")
+
+    n = w.numel()
+    state_bytes = sum(t.numel() * t.element_size() for t in state.tensors().values())
+    common = dict(shape=list(shape), dtype="bfloat16", baseline_name="bitsandbytes",
+                  info={"name": name, "blocksize": BLOCKSIZE})
+    yield Case("nf4_quantize (double quant)", ours=ours_quantize, baseline=bnb_quantize, check=same_bytes,
+               roofline=_bandwidth(2 * n + n // 2 + state_bytes), **common)  # read bf16, write packed + state
+    yield Case("nf4_dequantize -> bf16", ours=ours_dequantize, baseline=bnb_dequantize, check=same_values,
+               roofline=_bandwidth(n // 2 + state_bytes + 2 * n), **common)  # read packed + state, write bf16
+
+
+def _bandwidth(nbytes: int):
+    """GB/s of bytes read + written, and its share of the measured copy bandwidth."""
+    def roofline(ms: dict[str, float], copy_gbps: float) -> dict:
+        gbps = nbytes / ms["ours"] / 1e6
+        return {"ours_GBps": round(gbps, 1), "pct_of_copy_bandwidth": round(100 * gbps / copy_gbps, 1),
+                "roofline": f"{gbps:.1f} GB/s, {100 * gbps / copy_gbps:.0f}% of copy"}
+    return roofline

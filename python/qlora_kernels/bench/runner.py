@@ -11,13 +11,37 @@ import torch
 
 from ..env import backends
 from . import attention, lora, nf4
-from .timing import copy_bandwidth_gbps, device_name, slug
+from .case import Case, shape_label
+from .memory import cuda_peak_mb
+from .timing import copy_bandwidth_gbps, default_device, device_name, median_ms, slug, warm_cpu_allocations
 
-SUITES = {"nf4": nf4.bench, "lora": lora.bench, "attention": attention.bench}
+SUITES = {"nf4": nf4, "lora": lora, "attention": attention}
 
 
-def _shape(r: dict) -> str:
-    return "x".join(map(str, r["shape"])) if isinstance(r["shape"], list) else r["shape"]
+def measure(case: Case, device: torch.device, quick: bool, copy_gbps: float) -> dict:
+    """Check the case against its baseline, then time ours, the baseline and `also` side by side: one row."""
+    try:
+        case.check()
+    except AssertionError as e:
+        raise AssertionError(f"{case.label}: {e}") from None
+    timed = {"ours": case.ours, "baseline": case.baseline, **case.also}
+    ms = {name: median_ms(fn, device, quick) for name, fn in timed.items()}
+    row = {"op": case.op, "shape": case.shape, **case.info, "dtype": case.dtype, "ours_ms": round(ms["ours"], 4),
+           "baseline": case.baseline_name, "baseline_ms": round(ms["baseline"], 4),
+           "ratio": round(ms["baseline"] / ms["ours"], 3), **{f"{name}_ms": round(ms[name], 4) for name in case.also}}
+    row.update(case.roofline(ms, copy_gbps) if case.roofline else {"roofline": ""})
+    if case.peak_memory:
+        row["ours_peak_MB"] = round(cuda_peak_mb(case.ours), 1)
+        row["baseline_peak_MB"] = round(cuda_peak_mb(case.baseline), 1)
+        row["roofline"] = row["roofline"] or f"peak {row['ours_peak_MB']} vs {row['baseline_peak_MB']} MB"
+    return row
+
+
+def _suite_rows(suite: str, device: torch.device, quick: bool, copy_gbps: float) -> list[dict]:
+    rows = [measure(case, device, quick, copy_gbps) for case in SUITES[suite].cases(device, quick)]
+    if suite == "attention":
+        rows.append(attention.peak_memory(device))  # memory of one long forward, not a timing
+    return [dict(r, suite=suite) for r in rows]
 
 
 def _ms(value) -> str:
@@ -28,7 +52,7 @@ def _table(rows: list[dict]) -> str:
     head = f"{'op':<34} {'shape':<32} {'ours ms':>9} {'base ms':>9} {'ratio':>7}  {'roofline / note'}"
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
-        lines.append(f"{r['op']:<34} {_shape(r):<32} {_ms(r['ours_ms'])} {_ms(r['baseline_ms'])} "
+        lines.append(f"{r['op']:<34} {shape_label(r['shape']):<32} {_ms(r['ours_ms'])} {_ms(r['baseline_ms'])} "
                      f"{r['ratio']:>6.2f}x  {r.get('roofline', '')}  [vs {r['baseline']}]")
     return "\n".join(lines)
 
@@ -39,7 +63,8 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['op'].replace('nf4_', '').replace('flash_attention', 'attn')}\n{_shape(r)}" for r in rows]
+    labels = [f"{r['op'].replace('nf4_', '').replace('flash_attention', 'attn')}\n{shape_label(r['shape'])}"
+              for r in rows]
     ops = sorted({r["op"] for r in rows})
     colors = [f"C{ops.index(r['op'])}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4.5))
@@ -54,32 +79,18 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _warm_cpu_allocations() -> None:
-    """Serve CPU allocations from glibc's heap and keep freed memory, as a caching allocator
-    does: otherwise each fresh output above glibc's (moving) mmap threshold is page-faulted in,
-    which costs more than the kernels themselves and flips between runs (one bitsandbytes
-    dequantize of 4096x4096 was timed at 3 ms and at 18 ms depending on the heap's history)."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 34)
-
-
 def run(what: str = "nf4", quick: bool = False, out_dir: str = "benchmarks/results",
         device: str | None = None) -> Path:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device else default_device()
     if dev.type == "cpu":
-        _warm_cpu_allocations()
+        warm_cpu_allocations()
     suites = list(SUITES) if what == "all" else [what]
     name = device_name(dev)
     print(f"bench {'+'.join(suites)} on {name}{' (quick)' if quick else ''}", flush=True)
     copy_gbps = copy_bandwidth_gbps(dev, quick)
     rows = []
     for suite in suites:
-        rows += [dict(r, suite=suite) for r in SUITES[suite](dev, quick, copy_gbps)]
+        rows += _suite_rows(suite, dev, quick, copy_gbps)
     print(_table(rows))
     print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
 

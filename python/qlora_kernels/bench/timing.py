@@ -8,6 +8,24 @@ from pathlib import Path
 import torch
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def warm_cpu_allocations() -> None:
+    """Serve CPU allocations from glibc's heap and keep freed memory, as a caching allocator
+    does: otherwise each fresh output above glibc's (moving) mmap threshold is page-faulted in,
+    which costs more than the kernels themselves and flips between runs (one bitsandbytes
+    dequantize of 4096x4096 was timed at 3 ms and at 18 ms depending on the heap's history)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 34)
+
+
 def median_ms(fn, device: torch.device, quick: bool = False) -> float:
     """Median time of fn() in milliseconds, after warm-up."""
     if device.type == "cuda":
