@@ -1,0 +1,207 @@
+"""FSDP2 (`fully_shard`) over a patched QLoRA Llama whose NF4 weights are stored as bf16, on 2
+CPU processes (gloo): sharding, forward / backward through the fused LoRA and attention ops,
+an AdamW step, full and sharded (DCP) state dicts, mixed precision. The ranks run
+`distributed_worker.py` once for the module (~20 s on 2 cores); each test checks what they
+wrote against a single-process run of the same model."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distributed_worker as worker
+import qlora_kernels as qk
+from qlora_kernels.nf4 import packed_nbytes
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch built without torch.distributed / gloo")
+
+NF4_SUFFIXES = ("weight", "weight.absmax", "weight.nested_absmax", "weight.quant_map", "weight.nested_quant_map",
+                "weight.quant_state.bitsandbytes__nf4")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fsdp2")
+    reports = worker.launch(path, timeout=240)
+    return path, reports
+
+
+def _load(out, name):
+    return torch.load(out[0] / name, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The same model, batch and AdamW step in one process, no FSDP."""
+    model = worker.build(0)
+    ids = worker.batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = worker.optimizer(worker.trainable(model).values())
+    loss = worker.loss_of(model, ids)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in worker.trainable(model).items()}
+    opt.step()
+    with torch.no_grad():
+        loss_after = worker.loss_of(model, ids)
+    params = {n: p.detach().clone() for n, p in worker.trainable(model).items()}
+    nf4 = [n for n, m in model.named_modules() if isinstance(m, qk.NF4Linear)]
+    return dict(model=model, state=state, loss=loss.detach(), grads=grads, loss_after=loss_after, params=params,
+                nf4=nf4)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """uint8 view: packed NF4 bytes read as bf16 include NaN patterns, which torch.equal calls unequal."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_bytes(got: dict, want: dict, keys):
+    for key in keys:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        assert torch.equal(as_bytes(got[key]), as_bytes(want[key])), key
+
+
+def nf4_keys(reference):
+    keys = [f"{name}.{suffix}" for name in reference["nf4"] for suffix in NF4_SUFFIXES]
+    assert len(keys) == 14 * len(NF4_SUFFIXES) and all(k in reference["state"] for k in keys)
+    return keys
+
+
+def test_nf4_weights_are_sharded_as_bf16(out, reference):
+    shards = [r["train"]["nf4_shards"] for r in out[1]]
+    assert sorted(shards[0]) == sorted(reference["nf4"])
+    for name in reference["nf4"]:
+        packed = reference["model"].get_submodule(name).weight
+        for rank in range(worker.WORLD):
+            global_shape, local_shape, dtype = shards[rank][name]
+            assert dtype == "torch.bfloat16" and global_shape == list(packed.shape)
+            assert local_shape == [packed.shape[0] // worker.WORLD, 1]  # even split: half of the bytes each
+
+
+def test_loss_and_lora_grads_match_one_process(out, reference):
+    got = _load(out, "train.pt")
+    torch.testing.assert_close(got["loss"], reference["loss"], rtol=1e-6, atol=1e-6)
+    assert got["grads"].keys() == reference["grads"].keys() and len(got["grads"]) == 28  # A and B of 14 layers
+    for name, want in reference["grads"].items():
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got["grads"][name], want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_adamw_step_matches_one_process(out, reference):
+    got = _load(out, "train.pt")
+    for name, want in reference["params"].items():
+        moved = (want - reference["state"][name]).abs().max()
+        assert moved > worker.LR / 2, name  # the step did change every LoRA tensor
+        torch.testing.assert_close(got["params"][name], want, rtol=1e-5, atol=2e-5, msg=name)
+    torch.testing.assert_close(got["loss_after_step"], reference["loss_after"], rtol=1e-6, atol=1e-6)
+    assert got["loss_after_step"] < got["loss"] - 0.05
+
+
+def test_full_state_dict_is_the_single_process_one(out, reference):
+    full = _load(out, "train.pt")["full_sd"]
+    assert full.keys() == reference["state"].keys()
+    assert_same_bytes(full, reference["state"], nf4_keys(reference))  # all-gather is byte-exact
+    for name, want in reference["params"].items():
+        torch.testing.assert_close(full[name], want, rtol=1e-5, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("how", ["dcp", "full_loaded"])
+def test_checkpoint_round_trip_is_byte_exact(out, reference, how):
+    """DCP sharded save -> fresh model (other seed) -> load, and full state dict -> fresh model:
+    every entry has the saved bytes, and the loaded model gives the saved model's loss."""
+    got = _load(out, "train.pt")
+    saved, loaded = got["full_sd"], got[f"{how}_sd"]
+    assert loaded.keys() == saved.keys()
+    assert_same_bytes(loaded, saved, saved.keys())
+    assert torch.equal(got[f"{how}_loss"], got["loss_after_step"])
+
+
+def test_fresh_models_differ_from_the_checkpoint(reference):
+    """What the round trips overwrite: other NF4 bytes, other quant-state JSON (lengths too)."""
+    fresh = worker.build(1).state_dict()
+    keys = nf4_keys(reference)
+    weights = [k for k in keys if k.endswith(".weight")]
+    assert not any(torch.equal(as_bytes(fresh[k]), as_bytes(reference["state"][k])) for k in weights)
+    json_keys = [k for k in keys if k.endswith("bitsandbytes__nf4")]
+    assert any(fresh[k].numel() != reference["state"][k].numel() for k in json_keys)
+
+
+def test_plain_dcp_load_refuses_other_json_lengths(out):
+    """dcp.load into a fresh model's own state dict stops at the first JSON of another length
+    (the worker's dcp_load gives those entries the saved size first)."""
+    for report in out[1]:
+        error = report["train"]["naive_dcp_load"]["error"]
+        assert "Size mismatch" in error and "quant_state.bitsandbytes__nf4" in error
+
+
+def test_broadcast_from_rank0_fails_loudly_on_other_ranks(out):
+    """set_model_state_dict(broadcast_from_rank0=True) sends only parameters and persistent
+    buffers: the NF4 quant state (state-dict entries of NF4Linear, not buffers) never reaches
+    rank 1, whose load raises. By then torch has already copied the checkpoint's packed bytes
+    into rank 1's shards in place: its layers hold new bytes with their old quant state, so the
+    error must not be caught and training go on."""
+    rank0, rank1 = (r["train"] for r in out[1])
+    assert "ok" in rank0["broadcast_from_rank0"]
+    assert rank0["broadcast_shard_is_checkpoint"] and rank0["broadcast_absmax_is_checkpoint"]
+    error = rank1["broadcast_from_rank0"]["error"]
+    assert error.startswith("CheckpointError") and "missing 'quant_state.bitsandbytes__nf4'" in error
+    assert rank1["broadcast_shard_is_checkpoint"] and not rank1["broadcast_absmax_is_checkpoint"]
+
+
+def _grad_error(grads, exact):
+    num = sum((grads[n].float() - exact[n]).square().sum() for n in exact)
+    return float((num / sum(g.square().sum() for g in exact.values())).sqrt())
+
+
+@pytest.mark.parametrize("storage, dtype, key", [(torch.bfloat16, torch.bfloat16, "bf16"),
+                                                 (torch.uint8, torch.float16, "uint8_storage_fp16")])
+def test_mixed_precision_that_leaves_the_bytes_alone(out, reference, storage, dtype, key):
+    """param_dtype equal to the quant storage (bf16), or uint8 storage (FSDP casts only floating
+    point params): the packed bytes are never cast; loss and grads are within 2x of the same
+    model run in that dtype in one process."""
+    got = _load(out, "mixed_precision.pt")[key]["ok"]
+    for name in reference["nf4"]:
+        assert torch.equal(as_bytes(got["nf4_after"][name]), as_bytes(got["nf4_before"][name])), name
+    model = worker.build(0, storage).to(dtype)  # NF4Linear keeps its packed bytes and quant state
+    loss = worker.loss_of(model, worker.batch())
+    loss.backward()
+    grads = {n: p.grad.float() for n, p in worker.trainable(model).items()}
+    exact = reference["grads"]
+    assert abs(got["loss"] - reference["loss"]) <= 2 * abs(loss.float() - reference["loss"]) + 1e-4
+    assert _grad_error(got["grads"], exact) <= 2 * _grad_error(grads, exact)
+    assert _grad_error(got["grads"], exact) > 1e-4  # it did run in low precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_mixed_precision_casting_packed_bytes_raises(out, dtype):
+    """param_dtype other than the bf16 storage would cast the packed bytes (fp16: same byte
+    count, scrambled codes): NF4Linear refuses to read them."""
+    key = {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    for report in out[1]:
+        error = report["mixed_precision"][key]
+        assert error.startswith("TypeError: NF4Linear: the packed 4-bit weight is stored as torch.bfloat16 but is "
+                                f"now {dtype}"), error
+
+
+def test_uneven_shards_are_padded_and_exact(out):
+    """45 packed bf16 rows over 2 ranks: 23 + 22 (FSDP pads rank 1's shard)."""
+    assert [r["uneven"]["local_rows"] for r in out[1]] == [23, 22]
+    got = _load(out, "uneven.pt")
+    assert torch.equal(got["got"], got["want"])
+    assert got["sd"].keys() == got["want_sd"].keys() and len(got["sd"]) == 7  # weight, bias, 5 quant entries
+    assert_same_bytes(got["sd"], got["want_sd"], got["want_sd"].keys())
+
+
+def test_local_shard_bytes(out, reference):
+    """Per rank: half of the packed NF4 bytes, half of the other params, the whole quant state."""
+    model = reference["model"]
+    nf4 = [model.get_submodule(n) for n in reference["nf4"]]
+    packed = sum(packed_nbytes(m.in_features * m.out_features) for m in nf4)
+    bf16 = sum(2 * m.in_features * m.out_features for m in nf4)
+    others = sum(p.numel() * p.element_size() for p in model.parameters()) - packed
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    for rank, report in enumerate(out[1]):
+        local = report["train"]["local_bytes"]
+        assert local["nf4_weight"] == packed // worker.WORLD
+        assert local["other_params"] == others // worker.WORLD  # every tensor here splits evenly
+        assert local["buffers"] == buffers
+        assert 4 * local["nf4_weight"] == bf16 // worker.WORLD  # a quarter of a bf16 shard
