@@ -29,7 +29,7 @@ test: build
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: build
-	$(PY) -m qlora_kernels demo
+	$(PY) -m qlora_kernels finetune
 
 bench: build
 	$(PY) -m qlora_kernels bench all

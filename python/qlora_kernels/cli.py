@@ -1,4 +1,4 @@
-"""`qlora-kernels` / `python -m qlora_kernels`: env, bench, demo."""
+"""`qlora-kernels` / `python -m qlora_kernels`: finetune (the main job), bench, env."""
 
 from __future__ import annotations
 
@@ -21,29 +21,66 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import run
 
-    run(size=args.size)
+    run(family=args.model, size=args.size, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, device=args.device, out=args.out, only=args.only, isolate=not args.in_process,
+        keep_checkpoint=args.keep_checkpoint)
     return 0
+
+
+def _finetune_parser(sub) -> None:
+    from .finetune import FAMILIES, RUN_DEFAULTS, SIZES
+
+    sizes = "\n".join(f"  {k:<6} seq {v['seq_len']}, batch {v['batch_size']}, {v['steps']} steps, lr {v['lr']:g}"
+                       for k, v in RUN_DEFAULTS.items())
+    p = sub.add_parser(
+        "finetune", help="QLoRA fine-tuning of a random-init model, stock vs patched, side by side (make demo)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build a random-init Llama / OPT / Bloom from a size preset (no download), save it as bf16, and\n"
+                    "fine-tune it twice with the usual QLoRA recipe (bitsandbytes NF4 double quant on load,\n"
+                    "prepare_model_for_kbit_training, LoRA r=8 alpha=16 dropout 0.1 on all linear layers): stock\n"
+                    "transformers + PEFT + bitsandbytes, then the same plus qlora_kernels.patch(model). Same seed, same\n"
+                    "batches (bytes of the Python standard library's sources). Prints tokens/s, peak memory and losses\n"
+                    "of both and writes finetune.json + finetune.png to <out>/finetune-<model>-<size>-<date>/.",
+        epilog="size presets: 7b = Llama-2-7B / OPT-6.7B / BLOOM-7b1 shapes (GPU); 1b = TinyLlama-1.1B / OPT-1.3B /\n"
+               "BLOOM-1b1 shapes; tiny and small are CPU sizes; test is for the test suite. Defaults per size:\n"
+               f"{sizes}")
+    p.add_argument("--model", default="llama", choices=FAMILIES, help="model family (default llama)")
+    p.add_argument("--size", default="tiny", choices=SIZES, help="size preset (default tiny, for a CPU)")
+    p.add_argument("--steps", type=int, help="training steps (default: per size); the first is warm-up, not timed")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: per size)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: per size)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: per size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, LoRA init, data order, dropout")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default="runs", help="folder for the run folders (default runs)")
+    p.add_argument("--only", default="both", choices=["both", "stock", "patched"], help="train one side only")
+    p.add_argument("--in-process", action="store_true",
+                   help="train both sides in this process (faster start; CPU peak memory is then not comparable)")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep the random-init bf16 checkpoint")
+    p.set_defaults(fn=_finetune)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("env", help="what was compiled and what is usable here")
-    p.set_defaults(fn=_env)
+    _finetune_parser(sub)
 
-    p = sub.add_parser("bench", help="microbenchmarks vs what users run today; writes benchmarks/results/*.json")
-    p.add_argument("what", nargs="?", default="all", choices=["nf4", "lora", "attention", "all"])
+    p = sub.add_parser("bench", help="microbenchmarks vs what users run today; writes benchmarks/results/*.json",
+                       description="Check each op against its baseline and time both side by side on one device; "
+                                   "writes <out>/<device>-<date>.json and a PNG.")
+    p.add_argument("what", nargs="?", default="all", choices=["nf4", "lora", "attention", "all"],
+                   help="which op's suite (default all)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--out", default="benchmarks/results", help="folder for the results JSON")
     p.set_defaults(fn=_bench)
 
-    p = sub.add_parser("demo", help="quantize a Llama-shaped random model, round-trip it through bitsandbytes, bench")
-    p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size preset")
-    p.set_defaults(fn=_demo)
+    p = sub.add_parser("env", help="what was compiled and what is usable here",
+                       description="Print (JSON) the compiled CUDA archs, runtime and the backend of each op here.")
+    p.set_defaults(fn=_env)
 
     args = parser.parse_args(argv)
     return args.fn(args)
