@@ -2,7 +2,13 @@
 CPU processes (gloo): sharding, forward / backward through the fused LoRA and attention ops,
 an AdamW step, full and sharded (DCP) state dicts, mixed precision. The ranks run
 `distributed_worker.py` once for the module (~20 s on 2 cores); each test checks what they
-wrote against a single-process run of the same model."""
+wrote against a single-process run of the same model. Last, DeepSpeed ZeRO-3 through the HF
+Trainer on the same model (`deepspeed_worker.py`, ~15 s)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +211,43 @@ def test_local_shard_bytes(out, reference):
         assert local["other_params"] == others // worker.WORLD  # every tensor here splits evenly
         assert local["buffers"] == buffers
         assert 4 * local["nf4_weight"] == bf16 // worker.WORLD  # a quarter of a bf16 shard
+
+
+def test_deepspeed_zero3_trainer(tmp_path):
+    """HF Trainer + DeepSpeed ZeRO-3 (accelerate's integration), 2 CPU ranks over gloo: the NF4
+    weights are partitioned as bf16 like any bf16 param, and the two logged losses and the saved
+    adapter are those of the same two AdamW steps in one process."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    script = Path(__file__).with_name("deepspeed_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    facts = json.loads((tmp_path / "deepspeed.json").read_text())
+    assert facts["engine"] == "DeepSpeedEngine" and facts["zero_stage"] == 3
+
+    model = worker.build(0)
+    assert len(facts["nf4"]) == 14
+    for name, (full_shape, local_shape, dtype, placeholder) in facts["nf4"].items():
+        packed = model.get_submodule(name).weight
+        assert full_shape == list(packed.shape) and dtype == "torch.bfloat16"
+        assert local_shape == [packed.numel() // 2] and placeholder == 0  # half the bytes here, none in the module
+
+    import deepspeed_worker
+
+    opt = torch.optim.AdamW(worker.trainable(model).values(), lr=worker.LR, eps=deepspeed_worker.EPS, weight_decay=0.0)
+    losses = []
+    for _ in range(deepspeed_worker.STEPS):
+        loss = worker.loss_of(model, worker.batch())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert facts["losses"] == pytest.approx(losses, rel=1e-6)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    params = {n.replace(".default", ""): p for n, p in worker.trainable(model).items()}
+    assert saved.keys() == params.keys()
+    for name, p in params.items():
+        torch.testing.assert_close(saved[name], p.detach(), rtol=1e-5, atol=2e-5, msg=name)
