@@ -6,6 +6,7 @@ wrote against a single-process run of the same model. Last, DeepSpeed ZeRO-3 thr
 Trainer on the same model (`deepspeed_worker.py`, ~15 s)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,7 +224,8 @@ def test_deepspeed_zero3_trainer(tmp_path):
     script = Path(__file__).with_name("deepspeed_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     facts = json.loads((tmp_path / "deepspeed.json").read_text())
     assert facts["engine"] == "DeepSpeedEngine" and facts["zero_stage"] == 3
