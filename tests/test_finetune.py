@@ -79,3 +79,13 @@ def test_finetune_isolated_processes(tmp_path, capsys):
     assert record["config"]["isolated_processes"]
     peak = record["runs"]["patched"]["peak_mb"]
     assert peak is None or peak > 0
+
+
+def test_finetune_fails_loudly_when_sides_disagree(tmp_path, monkeypatch):
+    import qlora_kernels.finetune as finetune
+
+    monkeypatch.setattr(finetune, "FIRST_LOSS_RTOL", -1.0)  # any difference, even 0, is too much
+    with pytest.raises(SystemExit, match="disagrees with stock on the first batch"):
+        main(["finetune", "--size", "test", "--steps", "2", "--seq-len", "16", "--out", str(tmp_path), "--in-process"])
+    (run_dir,) = tmp_path.glob("finetune-llama-test-*")
+    assert not (run_dir / "init-bf16").exists() and not (run_dir / "finetune.json").exists()

@@ -38,12 +38,13 @@ def _finetune_parser(sub) -> None:
     p = sub.add_parser(
         "finetune", help="QLoRA fine-tuning of a random-init model, stock vs patched, side by side (make demo)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build a random-init Llama / OPT / Bloom from a size preset (no download), save it as bf16, and\n"
-                    "fine-tune it twice with the usual QLoRA recipe (bitsandbytes NF4 double quant on load,\n"
-                    "prepare_model_for_kbit_training, LoRA r=8 alpha=16 dropout 0.1 on all linear layers): stock\n"
-                    "transformers + PEFT + bitsandbytes, then the same plus qlora_kernels.patch(model). Same seed, same\n"
-                    "batches (bytes of the Python standard library's sources). Prints tokens/s, peak memory and losses\n"
-                    "of both and writes finetune.json + finetune.png to <out>/finetune-<model>-<size>-<date>/.",
+        description="Build a random-init Llama / OPT / Bloom from a size preset (no download), save it as bf16,\n"
+                    "and fine-tune it twice with the usual QLoRA recipe (bitsandbytes NF4 double quant on load,\n"
+                    "prepare_model_for_kbit_training, LoRA r=8 alpha=16 dropout 0.1 on all linear layers):\n"
+                    "stock transformers + PEFT + bitsandbytes, then the same plus qlora_kernels.patch(model).\n"
+                    "Same seed, same batches (bytes of the Python standard library's sources). Prints tokens/s,\n"
+                    "peak memory and losses of both and writes finetune.json + finetune.png to\n"
+                    "<out>/finetune-<model>-<size>-<date>/.",
         epilog="size presets: 7b = Llama-2-7B / OPT-6.7B / BLOOM-7b1 shapes (GPU); 1b = TinyLlama-1.1B / OPT-1.3B /\n"
                "BLOOM-1b1 shapes; tiny and small are CPU sizes; test is for the test suite. Defaults per size:\n"
                f"{sizes}")

@@ -97,7 +97,8 @@ def model_config(family: str, size: str, seq_len: int):
     shape = PRESETS[family][size]
     ids = dict(vocab_size=VOCAB, pad_token_id=PAD_ID, bos_token_id=PAD_ID, eos_token_id=PAD_ID)
     if family == "llama":
-        return LlamaConfig(**shape, **ids, max_position_embeddings=max(4096, seq_len), tie_word_embeddings=False)
+        return LlamaConfig(**shape, **ids, max_position_embeddings=max(4096, seq_len), rms_norm_eps=1e-5,
+                           tie_word_embeddings=False)
     if family == "opt":
         return OPTConfig(**shape, **ids, word_embed_proj_dim=shape["hidden_size"],
                          max_position_embeddings=max(2048, seq_len), dropout=0.0, attention_dropout=0.0)
@@ -376,7 +377,8 @@ def format_table(summary: dict, memory_label: str) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    rows = [f"{'':<16}{'tokens/s':>11}{'median':>9}{'peak MB':>11}{'+MB in loop':>13}{'first loss':>12}{'final loss':>12}"]
+    rows = [f"{'':<16}{'tokens/s':>11}{'median':>9}{'peak MB':>11}{'+MB in loop':>13}"
+            f"{'first loss':>12}{'final loss':>12}"]
     for side in SIDES:
         if side in summary:
             s = summary[side]
@@ -474,27 +476,30 @@ def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq
     batches, data_info = make_batches(steps, batch_size, seq_len, seed)
     torch.save(batches, run_dir / "batches.pt")
     _quiet()
-    t = time.perf_counter()
-    model_info = build_checkpoint(family, size, seq_len, seed, dev, run_dir / "init-bf16")
-    print(f"random-init {family} ({model_info['parameters'] / 1e6:.1f}M parameters) saved as bf16 in "
-          f"{time.perf_counter() - t:.1f} s; stock, then patched, each in a "
-          f"{'fresh process' if isolate else 'this process'}", flush=True)
-
     spec = {"family": family, "size": size, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
             "lr": lr, "seed": seed, "device": str(dev), "checkpoint": str(run_dir / "init-bf16"),
             "batches": str(run_dir / "batches.pt"),
             "stock_attention": "eager" if family == "bloom" else "sdpa"}  # Bloom has no SDPA path in transformers
     results = {}
-    for side in sides:
-        side_spec = dict(spec, expect_first_loss=results["stock"]["losses"][0] if "stock" in results else None)
-        if isolate:
-            results[side] = _run_isolated(side_spec, side, run_dir)
-        else:
-            results[side] = train_side(side_spec, side, batches, side_spec["expect_first_loss"])
-        if not isolate:  # the side's model is garbage now: free it before the next side
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+    try:
+        t = time.perf_counter()
+        model_info = build_checkpoint(family, size, seq_len, seed, dev, run_dir / "init-bf16")
+        print(f"random-init {family} ({model_info['parameters'] / 1e6:.1f}M parameters) saved as bf16 in "
+              f"{time.perf_counter() - t:.1f} s; {' then '.join(sides)}, each in a "
+              f"{'fresh process' if isolate else 'this process'}", flush=True)
+        for side in sides:
+            side_spec = dict(spec, expect_first_loss=results["stock"]["losses"][0] if "stock" in results else None)
+            if isolate:
+                results[side] = _run_isolated(side_spec, side, run_dir)
+            else:
+                results[side] = train_side(side_spec, side, batches, side_spec["expect_first_loss"])
+                gc.collect()  # the side's model is garbage now: free it before the next side
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:  # also when a side fails: a 7b checkpoint is 13.5 GB
+        if not keep_checkpoint:
+            shutil.rmtree(run_dir / "init-bf16", ignore_errors=True)
+        (run_dir / "batches.pt").unlink(missing_ok=True)
 
     tokens_per_step = batch_size * seq_len
     summary = summarize(results, tokens_per_step, warmup_steps)
@@ -523,9 +528,6 @@ def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq
         "versions": _versions(), "data": data_info, "memory_measure": memory_label,
         "runs": results, "summary": summary, "wall_s": None,
     }
-    if not keep_checkpoint:
-        shutil.rmtree(run_dir / "init-bf16", ignore_errors=True)
-    (run_dir / "batches.pt").unlink()
     plot(run_dir / "finetune.png", results, summary, title)
     record["wall_s"] = time.perf_counter() - wall0
     (run_dir / "finetune.json").write_text(json.dumps(record, indent=2))
