@@ -434,8 +434,7 @@ def plot(path: Path, results: dict, summary: dict, title: str) -> None:
                           label=side, color=colors[side])
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_xticks(range(len(keys)), list(keys))
-        ax.set_title(title_)
-        ax.legend(fontsize=8)
+        ax.set_title(title_)  # colours as in the loss legend
         ax.margins(y=0.12)
     fig.suptitle(title)
     fig.tight_layout()
