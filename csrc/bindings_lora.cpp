@@ -32,6 +32,14 @@ void bind_lora(py::module_& m) {
         arg("nested_blocksize"), arg("start"), arg("count"), arg("blocksize"), arg("out"), arg("dtype"),
         arg("num_threads"), release);
 
+    m.def(
+        "dropout_keep_mask_cpu",
+        [](uintptr_t keep, int64_t n, uint64_t seed, uint64_t threshold, int threads) {
+            qk::dropout_keep_mask_cpu(ptr<uint8_t>(keep), n, seed, threshold, threads);
+        },
+        "Dropout keep mask (0/1 bytes) of n elements from seed; see reference/lora.py dropout_keep_mask.",
+        arg("keep"), arg("n"), arg("seed"), arg("threshold"), arg("num_threads"), release);
+
 #ifdef QK_WITH_CUDA
     m.attr("lora_gemv_max_rows") = qk::kLoraGemvMaxRows;
     m.def(

@@ -19,6 +19,11 @@ void nf4_dequantize_range_cpu(const uint8_t* packed, const float* absmax, const 
                               int64_t start, int64_t count, int64_t blocksize, void* out, DType dtype,
                               int num_threads);
 
+// Dropout keep mask of n elements (reference/lora.py dropout_keep_mask): pair j is
+// z = splitmix64(seed + (j + 1) * golden); keep[2j] = low32(z) >= threshold, keep[2j + 1] =
+// high32(z) >= threshold. Counter-based, so the backward redraws the forward's mask.
+void dropout_keep_mask_cpu(uint8_t* keep, int64_t n, uint64_t seed, uint64_t threshold, int num_threads);
+
 // ---- CUDA (kernels/lora_gemv.cu); all pointers are device pointers, stream is a cudaStream_t ----
 #ifdef QK_WITH_CUDA
 

@@ -13,6 +13,7 @@
 
 #include "lora.h"
 #include "nf4.h"
+#include "parallel.h"
 
 namespace qk {
 namespace {
@@ -77,6 +78,21 @@ void nf4_dequantize_range_cpu(const uint8_t* packed, const float* absmax, const 
     if (body < end)
         nf4_dequantize_cpu(packed + body / 2, scales + (body / blocksize - first_block), plain, end - body, blocksize,
                            dst + (body - start) * esize, dtype, num_threads);
+}
+
+void dropout_keep_mask_cpu(uint8_t* keep, int64_t n, uint64_t seed, uint64_t threshold, int num_threads) {
+    if (n < 0) throw std::invalid_argument("dropout_keep_mask_cpu: negative element count");
+    const int64_t pairs = (n + 1) / 2;
+    parallel_for(pairs, 2, num_threads, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+            uint64_t z = seed + static_cast<uint64_t>(j + 1) * 0x9E3779B97F4A7C15ull;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+            z ^= z >> 31;
+            keep[2 * j] = (z & 0xFFFFFFFFull) >= threshold;
+            if (2 * j + 1 < n) keep[2 * j + 1] = (z >> 32) >= threshold;
+        }
+    });
 }
 
 }  // namespace qk

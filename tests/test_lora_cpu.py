@@ -312,3 +312,28 @@ def test_gemv_rejects_bad_arguments():
     shifted = NF4Weight(nf4.packed[1:], *(nf4.absmax, None, None, None), 64, 256, (64, 63), torch.float32)
     with pytest.raises(ValueError):  # packed not 16-byte aligned
         _gemv(x[:1, :63].contiguous(), shifted, None, xa[:1], B[:64], 1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.999])
+@pytest.mark.parametrize("seed", [0, 1, 2**31 - 2])
+def test_native_dropout_mask_is_the_reference_mask(seed, p):
+    from qlora_kernels.backends.lora_cpu import dropout_keep_mask_cpu
+    from qlora_kernels.reference.lora import dropout_keep_mask
+
+    for M, K in ((1, 1), (3, 5), (64, 96), (517, 333)):
+        assert torch.equal(dropout_keep_mask_cpu(seed, p, M, K), dropout_keep_mask(seed, p, (M, K))), (M, K)
+
+
+def test_dropout_mask_statistics():
+    from qlora_kernels.reference.lora import dropout_keep_mask
+
+    n = 1 << 20
+    for p in (0.05, 0.1, 0.5):
+        keep = dropout_keep_mask(3, p, (n,)).float()
+        assert abs(keep.mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # 5 sigma
+    a, b = dropout_keep_mask(3, 0.5, (n,)), dropout_keep_mask(4, 0.5, (n,))
+    assert abs((a == b).float().mean().item() - 0.5) < 5 * (0.25 / n) ** 0.5  # neighbouring seeds independent
+    even, odd = a[0::2].float(), a[1::2].float()  # the two halves of one 64-bit draw
+    assert abs((even * odd).mean().item() - 0.25) < 5 * (0.1875 / (n // 2)) ** 0.5
+    with pytest.raises(ValueError, match="dropout_p=1.0 must be in"):
+        dropout_keep_mask(0, 1.0, (4,))

@@ -34,13 +34,13 @@ def test_bf16_loss_and_grads_within_twice_pytorchs_own_error(checkpoints, family
     assert ours_gerr <= 2 * stock_gerr + 1e-3, (ours_gerr, stock_gerr)
 
 
-def _train(model, steps, lr=1e-2, seed=0):
+def _train(model, steps, lr=1e-2, dropout_seed=0):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     # something learnable: each sequence counts up by its own stride from its own start
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     starts, strides = torch.randint(3, 128, (8, 1), generator=g), torch.randint(1, 6, (8, 1), generator=g)
     pool = 3 + (starts + strides * torch.arange(32)) % 125
-    torch.manual_seed(seed)  # the LoRA dropout draws
+    torch.manual_seed(dropout_seed)  # the LoRA dropout draws
     losses = []
     for step in range(steps):
         ids = pool[torch.arange(4) + 4 * (step % 2)]
@@ -54,13 +54,16 @@ def _train(model, steps, lr=1e-2, seed=0):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_30_step_training_tracks_stock(checkpoints, family):
-    # LoRA dropout 0.1 as QLoRA recipes run it: the two sides draw different masks, so the
-    # curves agree statistically, not bit for bit
+    # LoRA dropout 0.1 as QLoRA recipes run it: the patched layers draw other masks than PEFT's,
+    # so the curves can agree only as closely as stock agrees with itself under other draws
     stock = _train(add_lora(load_4bit(checkpoints / family), dropout=0.1), 30)
+    stock_redrawn = _train(add_lora(load_4bit(checkpoints / family), dropout=0.1), 30, dropout_seed=1)
     ours = _train(qk.patch(add_lora(load_4bit(checkpoints / family), dropout=0.1)), 30)
     assert stock[-5:].mean() < stock[:5].mean() - 0.25, stock  # there is something to track
-    assert (ours - stock).abs().max() < 0.1, (ours, stock)
-    assert (ours[-5:].mean() - stock[-5:].mean()).abs() < 0.03, (ours, stock)
+    noise = (stock_redrawn - stock).abs()
+    assert (ours - stock).abs().max() <= 2 * noise.max() + 0.01, (ours, stock, stock_redrawn)
+    final_gap, final_noise = ((c[-5:].mean() - stock[-5:].mean()).abs() for c in (ours, stock_redrawn))
+    assert final_gap <= 2 * final_noise + 0.01, (ours, stock, stock_redrawn)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])

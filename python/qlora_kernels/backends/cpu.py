@@ -79,24 +79,24 @@ if _C is not None:
     @kernel(lora_ops.lora_linear_fwd, "cpu", "C++ NF4 tiles + torch GEMMs")
     def _(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
           bias, lora_A, lora_B, scaling, dropout_p, seed):
-        from .lora_cpu import lora_forward_cpu
+        from .lora_cpu import dropout_keep_mask_cpu, lora_forward_cpu
 
         M, K = x.shape
         state = _nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                             out_features, K, x.dtype)
-        keep = lora_ops.keep_mask_cpu(int(seed), dropout_p, M, K, x.device) if dropout_p > 0 else None
+        keep = dropout_keep_mask_cpu(int(seed), dropout_p, M, K) if dropout_p > 0 else None
         y, xa = lora_forward_cpu(x, weight, state, bias, lora_A, lora_B, scaling, keep, dropout_p)
         return y, xa.float()
 
     @kernel(lora_ops.lora_linear_bwd, "cpu", "C++ NF4 tiles + torch GEMMs")
     def _(dy, x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, lora_A,
           lora_B, scaling, dropout_p, seed, xa):
-        from .lora_cpu import lora_backward_cpu
+        from .lora_cpu import dropout_keep_mask_cpu, lora_backward_cpu
 
         M, K = x.shape
         state = _nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                             dy.shape[1], K, x.dtype)
-        keep = lora_ops.keep_mask_cpu(int(seed), dropout_p, M, K, x.device) if dropout_p > 0 else None
+        keep = dropout_keep_mask_cpu(int(seed), dropout_p, M, K) if dropout_p > 0 else None
         dx, dA, dB, dbias = lora_backward_cpu(dy, x, weight, state, lora_A, lora_B, scaling, keep, dropout_p,
                                               xa.to(x.dtype))
         return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias.to(dy.dtype)

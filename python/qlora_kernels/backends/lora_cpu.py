@@ -17,6 +17,8 @@ Plain functions; the op registration lives with the integrator.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .._native import native
@@ -28,6 +30,20 @@ _C = native()
 # Bytes of one W tile in the GEMM dtype (1024 rows of bf16 at K = 4096): smaller tiles cost
 # GEMM efficiency (512 x 4096 bf16 tiles ran ~45% slower than one GEMM, 1024-row ones ~18%).
 TILE_BYTES = 8 << 20
+
+
+# One dequantize buffer per dtype and thread, reused by every call: a fresh multi-MB buffer per
+# layer call is served by mmap and first-touch page faults, which cost more than the
+# dequantize itself (measured in a Llama training step on CPU).
+_scratch = threading.local()
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def _tile_rows(N: int, K: int, gemm_dtype: torch.dtype, tile_rows: int | None) -> int:
@@ -86,6 +102,17 @@ def nf4_dequantize_range_cpu(nf4: NF4Weight, start: int, count: int, dtype: torc
     return out
 
 
+def dropout_keep_mask_cpu(seed: int, dropout_p: float, M: int, K: int) -> torch.Tensor:
+    """Bool [M, K], bit-identical to `reference.lora.dropout_keep_mask(seed, dropout_p, (M, K))`."""
+    from ..reference.lora import dropout_threshold
+
+    if _C is None:
+        raise RuntimeError("the CPU LoRA path needs the native module qlora_kernels._C (build with pip install .)")
+    keep = torch.empty((M, K), dtype=torch.bool)
+    _C.dropout_keep_mask_cpu(keep.data_ptr(), M * K, int(seed), dropout_threshold(dropout_p), torch.get_num_threads())
+    return keep
+
+
 class _Tiles:
     """Row tiles [s, e) of W in the GEMM dtype: views of a dense weight, or NF4 rows dequantized
     into one reused buffer (plus a second one when the GEMM dtype differs from x's)."""
@@ -109,12 +136,12 @@ class _Tiles:
             return self.weight[s:e].to(self.gemm_dtype)
         count = (e - s) * self.K
         if self.buffer is None:
-            self.buffer = torch.empty(self.rows * self.K, dtype=self.dtype)
+            self.buffer = _scratch_buffer(self.rows * self.K, self.dtype)
         w = nf4_dequantize_range_cpu(self.nf4, s * self.K, count, self.dtype, self.buffer)[:count].view(e - s, self.K)
         if self.gemm_dtype == self.dtype:
             return w
         if self.cast is None:
-            self.cast = torch.empty(self.rows * self.K, dtype=self.gemm_dtype)
+            self.cast = _scratch_buffer(self.rows * self.K, self.gemm_dtype)
         return self.cast[:count].view(e - s, self.K).copy_(w)
 
 

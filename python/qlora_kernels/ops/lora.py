@@ -19,9 +19,8 @@ from ..reference import nf4 as ref_nf4
 
 
 def keep_mask_cpu(seed: int, dropout_p: float, M: int, K: int, device) -> Tensor:
-    """The keep mask of the CPU and reference paths: torch's generator seeded with `seed`."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return (torch.rand((M, K), generator=gen) >= dropout_p).to(device)
+    """The keep mask of the CPU and reference paths (reference.lora.dropout_keep_mask)."""
+    return ref.dropout_keep_mask(seed, dropout_p, (M, K)).to(device)
 
 
 def dense_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
