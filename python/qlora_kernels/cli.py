@@ -15,6 +15,11 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from .bench.report import markdown_table
+
+        print(markdown_table(args.markdown))
+        return 0
     from .bench import run
 
     run(args.what, quick=args.quick, out_dir=args.out)
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="which op's suite (default all)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--out", default="benchmarks/results", help="folder for the results JSON")
+    p.add_argument("--markdown", metavar="JSON", help="print a results JSON as the README's Markdown table; no run")
     p.set_defaults(fn=_bench)
 
     p = sub.add_parser("env", help="what was compiled and what is usable here",
