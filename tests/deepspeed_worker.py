@@ -49,6 +49,7 @@ def main(out: Path) -> None:
                              lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
                              deepspeed=config, use_cpu=True, disable_tqdm=True)
     model = worker.build(0)
+    calls = worker.count_kernel_calls()
     trainer = Trainer(model=model, args=args, train_dataset=Batch())
     trainer.train()
     engine = trainer.model_wrapped
@@ -57,6 +58,7 @@ def main(out: Path) -> None:
         "engine": type(engine).__name__,
         "zero_stage": engine.zero_optimization_stage(),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "kernel_calls": dict(calls),
         # ZeRO-3 keeps an empty placeholder in the module and this rank's partition in ds_tensor
         "nf4": {n: [list(w.ds_shape), list(w.ds_tensor.shape), str(w.ds_tensor.dtype), w.numel()]
                 for n, w in nf4.items()},

@@ -64,6 +64,27 @@ def build(seed: int = 0, quant_storage: torch.dtype = torch.bfloat16) -> nn.Modu
     return model.train()
 
 
+def count_kernel_calls() -> dict:
+    """Count the patched layers' calls of the fused LoRA op and of flash attention from now on
+    (a fallback to PEFT's forward or to SDPA would leave them at 0)."""
+    from qlora_kernels.patching import attention, lora
+
+    calls = {"lora_linear": 0, "flash_attention": 0}
+
+    def counted(module, name):
+        fn = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        setattr(module, name, wrapper)
+
+    counted(lora, "lora_linear")
+    counted(attention, "flash_attention")
+    return calls
+
+
 def batch() -> torch.Tensor:
     """4 sequences of 16 tokens: rank r trains on rows 2r, 2r + 1."""
     return torch.randint(0, CONFIG["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(123))
@@ -196,8 +217,10 @@ def scenario_train(rank: int, out: Path) -> dict:
 
     # one forward / backward, one optimizer step, the loss after it
     opt = optimizer(trainable(model).values())
+    calls = count_kernel_calls()
     loss, mean = global_loss(model, rank)
     loss.backward()
+    facts["kernel_calls"] = dict(calls)
     grads = {n: full(p.grad) for n, p in trainable(model).items()}
     opt.step()
     opt.zero_grad()

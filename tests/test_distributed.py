@@ -85,6 +85,8 @@ def test_nf4_weights_are_sharded_as_bf16(out, reference):
 
 
 def test_loss_and_lora_grads_match_one_process(out, reference):
+    for report in out[1]:  # every rank ran the fused LoRA op and flash attention, not a fallback
+        assert report["train"]["kernel_calls"] == {"lora_linear": 14, "flash_attention": 2}
     got = _load(out, "train.pt")
     torch.testing.assert_close(got["loss"], reference["loss"], rtol=1e-6, atol=1e-6)
     assert got["grads"].keys() == reference["grads"].keys() and len(got["grads"]) == 28  # A and B of 14 layers
@@ -229,6 +231,8 @@ def test_deepspeed_zero3_trainer(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     facts = json.loads((tmp_path / "deepspeed.json").read_text())
     assert facts["engine"] == "DeepSpeedEngine" and facts["zero_stage"] == 3
+    # the patched paths ran under ZeRO-3 (2 steps x 14 LoRA layers x fwd at least; 2 x 2 layers)
+    assert facts["kernel_calls"]["lora_linear"] >= 2 * 14 and facts["kernel_calls"]["flash_attention"] >= 2 * 2
 
     model = worker.build(0)
     assert len(facts["nf4"]) == 14
