@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qlora_kernels.distributed import dcp_load
+
 WORLD = 2
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64)
@@ -164,28 +166,6 @@ def local_bytes(model: nn.Module) -> dict[str, int]:
     for b in model.buffers():
         out["buffers"] += b.numel() * b.element_size()
     return out
-
-
-def dcp_load(model: nn.Module, path: Path) -> None:
-    """Sharded DCP load into `model` (built and sharded like the saved one).
-
-    The JSON quant state (`...quant_state.bitsandbytes__nf4`) is a uint8 tensor whose length
-    depends on its numbers (the double-quant offset): DCP loads in place and refuses a size
-    change, so each is first given the saved size. Then set_model_state_dict hands the loaded
-    entries to NF4Linear's loader (the quant state is parsed from them, not aliased)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    from qlora_kernels.checkpoint import QUANT_STATE_KEY
-
-    reader = dcp.FileSystemReader(str(path))
-    saved = reader.read_metadata().state_dict_metadata
-    sd = get_model_state_dict(model)
-    for key in sd:
-        if key.endswith(QUANT_STATE_KEY):
-            sd[key] = torch.empty(saved[key].size, dtype=torch.uint8)
-    dcp.load(sd, storage_reader=reader)
-    set_model_state_dict(model, sd)
 
 
 # -- scenarios -------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_fresh_models_differ_from_the_checkpoint(reference):
 
 def test_plain_dcp_load_refuses_other_json_lengths(out):
     """dcp.load into a fresh model's own state dict stops at the first JSON of another length
-    (the worker's dcp_load gives those entries the saved size first)."""
+    (qlora_kernels.distributed.dcp_load gives those entries the saved size first)."""
     for report in out[1]:
         error = report["train"]["naive_dcp_load"]["error"]
         assert "Size mismatch" in error and "quant_state.bitsandbytes__nf4" in error
