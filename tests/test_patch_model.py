@@ -200,3 +200,15 @@ def test_bad_arguments():
         qk.patch(make("llama"), quantize="int8")
     model = make("llama")
     assert qk.unpatch(model) is model  # unpatched: nothing to do
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantize_nf4_without_peft_generates_like_quantize_model(family):
+    ids = batch(9, shape=(2, 8))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    stock = qk.quantize_model(make(family), compute_dtype=torch.float32, progress=False).eval()
+    want = stock.generate(ids, **kwargs)
+    model = qk.patch(make(family).eval(), quantize="nf4")
+    assert len(qk.patch_report(model).quantized) == sum(isinstance(m, NF4Linear) for m in stock.modules())
+    assert qk.patch_report(model).lora_pending  # no PEFT yet: nothing to fuse, the hook waits
+    assert torch.equal(model.generate(ids, **kwargs), want)
