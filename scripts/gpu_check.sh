@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU run (see the device tool's README): build against the torch already on the
-# machine, run the GPU tests, run the benchmarks, copy logs and results JSON to $OUT.
+# machine, run the GPU tests, the benchmarks and the main job (finetune, 1b preset; the 7b one
+# too with QK_FINETUNE_7B=1, ~6 more minutes), copy logs and results (JSON, PNG) to $OUT.
+# A failing step is logged and the next one still runs.
 # Needs bitsandbytes' wheel in .whl/ (the GPU image has none; its machine reaches no registry):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -18,6 +20,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 QLORA_KERNELS_CUDA_ARCHS=${QLORA_KERNELS_CUDA_ARCHS:-90a} \
     python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
 python3 -m qlora_kernels env | tee "$OUT/env.json"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
-python3 -m qlora_kernels bench all 2>&1 | tee "$OUT/bench.log"
-cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
+python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" || true
+python3 -m qlora_kernels bench all 2>&1 | tee "$OUT/bench.log" || true
+cp benchmarks/results/*.json benchmarks/results/*.png "$OUT/" 2>/dev/null || true
+sizes="1b"
+if [ "${QK_FINETUNE_7B:-0}" = 1 ]; then sizes="1b 7b"; fi
+for size in $sizes; do
+    # the bf16 checkpoint (13.5 GB at 7b) stays out of $OUT
+    python3 -m qlora_kernels finetune --size "$size" --device cuda --out /tmp/qk-runs 2>&1 \
+        | tee "$OUT/finetune-$size.log" || true
+done
+for run in /tmp/qk-runs/finetune-*; do
+    [ -d "$run" ] && mkdir -p "$OUT/$(basename "$run")" && cp "$run"/*.json "$run"/*.png "$OUT/$(basename "$run")/" || true
+done
