@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
@@ -164,7 +164,7 @@ def test_compile_fullgraph_training_step(checkpoints):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
 
 
-def _sft_losses(model, out, padding_free):
+def _sft_losses(model, out, padding_free, peft_config=None):
     from datasets import Dataset
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -181,15 +181,28 @@ def _sft_losses(model, out, padding_free):
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-3,
                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                      dataloader_num_workers=0, padding_free=padding_free, max_length=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config)
     trainer.train()
-    return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h]), trainer.model
 
 
 def test_trl_sft_trainer_padded_and_padding_free(checkpoints, tmp_path):
-    stock = _sft_losses(add_lora(load_4bit(checkpoints / "llama")), tmp_path / "stock", padding_free=False)
-    padded = _sft_losses(qk.patch(add_lora(load_4bit(checkpoints / "llama"))), tmp_path / "padded", False)
-    packed = _sft_losses(qk.patch(add_lora(load_4bit(checkpoints / "llama"))), tmp_path / "packed", True)
+    stock, _ = _sft_losses(add_lora(load_4bit(checkpoints / "llama")), tmp_path / "stock", padding_free=False)
+    padded, _ = _sft_losses(qk.patch(add_lora(load_4bit(checkpoints / "llama"))), tmp_path / "padded", False)
+    packed, _ = _sft_losses(qk.patch(add_lora(load_4bit(checkpoints / "llama"))), tmp_path / "packed", True)
     assert len(stock) == 4
     torch.testing.assert_close(padded, stock, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed, stock, atol=5e-4, rtol=1e-4)
+
+
+def test_patch_before_sft_trainer_builds_the_peft_model(checkpoints, tmp_path):
+    # SFTTrainer(peft_config=...) runs get_peft_model itself: patch can only come before it
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    torch.manual_seed(1)
+    stock, _ = _sft_losses(load_4bit(checkpoints / "llama"), tmp_path / "stock", False, config)
+    torch.manual_seed(1)
+    ours, model = _sft_losses(qk.patch(load_4bit(checkpoints / "llama")), tmp_path / "ours", False, config)
+    report = qk.patch_report(model)
+    assert len(report.lora_layers) == 14 and not report.lora_pending  # fused at the first forward
+    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
