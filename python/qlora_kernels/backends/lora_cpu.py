@@ -23,6 +23,7 @@ import torch
 
 from .._native import native
 from ..nf4_weight import NF4Weight
+from ..reference.lora import dropout_threshold
 from .common import dtype_tag, nested_pointers
 
 _C = native()
@@ -104,8 +105,6 @@ def nf4_dequantize_range_cpu(nf4: NF4Weight, start: int, count: int, dtype: torc
 
 def dropout_keep_mask_cpu(seed: int, dropout_p: float, M: int, K: int) -> torch.Tensor:
     """Bool [M, K], bit-identical to `reference.lora.dropout_keep_mask(seed, dropout_p, (M, K))`."""
-    from ..reference.lora import dropout_threshold
-
     if _C is None:
         raise RuntimeError("the CPU LoRA path needs the native module qlora_kernels._C (build with pip install .)")
     keep = torch.empty((M, K), dtype=torch.bool)

@@ -29,7 +29,14 @@ from torch import nn
 from ..modules import NF4Linear
 from .attention import patch_attention, unpatch_attention
 from .lora import _lora_classes, patch_lora, unpatch_lora
-from .quantize import bnb_linear4bit_layers, from_bnb, quantize_model, quantize_targets, to_bnb, why_not_convertible
+from .quantize import (
+    bnb_linear4bit_layers,
+    convert_bnb_layers,
+    quantize_model,
+    quantize_targets,
+    to_bnb,
+    why_not_convertible,
+)
 
 # model_type -> what the attention patch covers
 SUPPORTED = {
@@ -153,20 +160,17 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
     report.family = model_type if supported else report.family
     if attention and supported:
         report.attention = ", ".join(patch_attention(hf))
-    if quantize == "nf4" and quantize_targets(root):
-        names = [n for n, _ in quantize_targets(root)]
-        dtype = next(m.weight.dtype for _, m in quantize_targets(root))
+    targets = quantize_targets(root) if quantize == "nf4" else []
+    if targets:
+        dtype = targets[0][1].weight.dtype
         compute_dtype = dtype if dtype.is_floating_point and dtype != torch.float64 else torch.bfloat16
         quantize_model(root, compute_dtype=compute_dtype)
-        report.quantized += names
+        report.quantized += [n for n, _ in targets]
     if lora_here:
         bad = {n for n, _ in unconvertible}
-        convertible = [n for n, _ in bnb_layers if n not in bad]
-        if convertible and not bad:
-            from_bnb(root, progress=False)
-        elif convertible:
-            _convert_some(root, convertible)
-        report.converted += convertible
+        convertible = [(n, m) for n, m in bnb_layers if n not in bad]
+        convert_bnb_layers(root, convertible)
+        report.converted += [n for n, _ in convertible]
         report.lora_layers += patch_lora(root)
     elif lora and "_qlora_kernels_hook" not in root.__dict__:
         _fuse_on_first_forward(root, report)
@@ -175,14 +179,6 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
         warnings.warn("qlora_kernels.patch skipped: " + "; ".join(skipped), stacklevel=2)
     root.__dict__[_REPORT] = report
     return model
-
-
-def _convert_some(model: nn.Module, names: list[str]) -> None:
-    # from_bnb converts all or nothing; with strict=False only the convertible layers go
-    from .quantize import _from_linear4bit, _set_submodule
-
-    for name in names:
-        _set_submodule(model, name, _from_linear4bit(model.get_submodule(name)))
 
 
 def patch_report(model: nn.Module) -> PatchReport | None:

@@ -100,10 +100,15 @@ def from_bnb(model: nn.Module, progress: bool = True) -> nn.Module:
         unsupported = why_not_convertible(layer)
         if unsupported:
             raise NotImplementedError(f"{name}: {unsupported}")
+    convert_bnb_layers(model, targets, progress)
+    return model
+
+
+def convert_bnb_layers(model: nn.Module, targets: list[tuple[str, nn.Module]], progress: bool = False) -> None:
+    """Replace the given (name, Linear4bit) layers of `model`, each convertible, by NF4Linear."""
     for name, layer in tqdm(targets, desc="from bitsandbytes", unit="layer", disable=not progress or not targets):
         _set_submodule(model, name, _from_linear4bit(layer))
     guard_model_loading(model)
-    return model
 
 
 def why_not_convertible(layer) -> str | None:
