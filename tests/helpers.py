@@ -44,3 +44,9 @@ def bnb_dequantize(packed, qs):
     import bitsandbytes.functional as F
 
     return F.dequantize_4bit(packed, qs, quant_type="nf4")
+
+
+def grad_error(grads: dict, exact: dict) -> float:
+    """Relative L2 error of a gradient dict against exact ones (the 2x-PyTorch's-own-error tests)."""
+    num = sum((grads[n].float() - exact[n].float()).square().sum() for n in exact)
+    return float((num / sum(g.float().square().sum() for g in exact.values())).sqrt())

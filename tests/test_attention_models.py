@@ -7,6 +7,8 @@ from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCau
 
 from qlora_kernels.patching.attention import patch_attention, unpatch_attention
 
+from helpers import grad_error
+
 
 def make(family, dtype=torch.float32):
     torch.manual_seed(0)
@@ -61,11 +63,6 @@ def test_fp32_logits_and_grads_match_stock(family):
     assert torch.equal(logits_back, ref_logits)
 
 
-def _grad_error(grads, exact):
-    num = sum((grads[n].float() - exact[n]).square().sum() for n in exact)
-    return (num / sum(g.square().sum() for g in exact.values())).sqrt()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_logits_and_grads_within_twice_pytorchs_own_error(family):
     ids, mask = _inputs()
@@ -78,7 +75,7 @@ def test_bf16_logits_and_grads_within_twice_pytorchs_own_error(family):
     stock_err = (stock_logits[keep].float() - exact_logits[keep]).abs().max()
     ours_err = (logits[keep].float() - exact_logits[keep]).abs().max()
     assert ours_err <= 2 * stock_err + 1e-3, (ours_err, stock_err)
-    ours_gerr, stock_gerr = _grad_error(grads, exact_grads), _grad_error(stock_grads, exact_grads)
+    ours_gerr, stock_gerr = grad_error(grads, exact_grads), grad_error(stock_grads, exact_grads)
     assert ours_gerr <= 2 * stock_gerr + 1e-3, (ours_gerr, stock_gerr)
 
 

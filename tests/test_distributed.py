@@ -19,6 +19,8 @@ import distributed_worker as worker
 import qlora_kernels as qk
 from qlora_kernels.nf4 import packed_nbytes
 
+from helpers import grad_error
+
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch built without torch.distributed / gloo")
 
@@ -156,11 +158,6 @@ def test_broadcast_from_rank0_fails_loudly_on_other_ranks(out):
     assert rank1["broadcast_shard_is_checkpoint"] and not rank1["broadcast_absmax_is_checkpoint"]
 
 
-def _grad_error(grads, exact):
-    num = sum((grads[n].float() - exact[n]).square().sum() for n in exact)
-    return float((num / sum(g.square().sum() for g in exact.values())).sqrt())
-
-
 @pytest.mark.parametrize("storage, dtype, key", [(torch.bfloat16, torch.bfloat16, "bf16"),
                                                  (torch.uint8, torch.float16, "uint8_storage_fp16")])
 def test_mixed_precision_that_leaves_the_bytes_alone(out, reference, storage, dtype, key):
@@ -176,8 +173,8 @@ def test_mixed_precision_that_leaves_the_bytes_alone(out, reference, storage, dt
     grads = {n: p.grad.float() for n, p in worker.trainable(model).items()}
     exact = reference["grads"]
     assert abs(got["loss"] - reference["loss"]) <= 2 * abs(loss.float() - reference["loss"]) + 1e-4
-    assert _grad_error(got["grads"], exact) <= 2 * _grad_error(grads, exact)
-    assert _grad_error(got["grads"], exact) > 1e-4  # it did run in low precision
+    assert grad_error(got["grads"], exact) <= 2 * grad_error(grads, exact)
+    assert grad_error(got["grads"], exact) > 1e-4  # it did run in low precision
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -15,6 +15,8 @@ from qlora_kernels.ops.lora import keep_mask_cpu
 from qlora_kernels.patching.lora import patch_lora, unpatch_lora
 from qlora_kernels.reference import lora as ref
 
+from helpers import grad_error
+
 
 def base_model(family, dtype=torch.float32):
     torch.manual_seed(0)
@@ -62,11 +64,6 @@ def test_dense_base_fp32_matches_stock_peft(family):
     assert torch.equal(run(model, ids)[0], want_logits)
 
 
-def _grad_error(grads, exact):
-    num = sum((grads[n].float() - exact[n]).square().sum() for n in exact)
-    return (num / sum(g.square().sum() for g in exact.values())).sqrt()
-
-
 @pytest.mark.parametrize("family", ["llama", "opt", "bloom"])
 def test_dense_base_bf16_within_twice_pytorchs_own_error(family):
     ids = torch.randint(0, 128, (2, 9))
@@ -78,7 +75,7 @@ def test_dense_base_bf16_within_twice_pytorchs_own_error(family):
     stock_err = (stock_logits.float() - exact_logits).abs().max()
     ours_err = (logits.float() - exact_logits).abs().max()
     assert ours_err <= 2 * stock_err + 1e-3, (ours_err, stock_err)
-    ours_gerr, stock_gerr = _grad_error(grads, exact_grads), _grad_error(stock_grads, exact_grads)
+    ours_gerr, stock_gerr = grad_error(grads, exact_grads), grad_error(stock_grads, exact_grads)
     assert ours_gerr <= 2 * stock_gerr + 1e-3, (ours_gerr, stock_gerr)
 
 

@@ -12,12 +12,8 @@ from transformers import Trainer, TrainingArguments
 
 import qlora_kernels as qk
 
+from helpers import grad_error
 from test_patch_model import FAMILIES, add_lora, batch, checkpoints, load_4bit, loss_and_grads  # noqa: F401
-
-
-def _grad_error(grads, exact):
-    num = sum((grads[n].float() - exact[n].float()).square().sum() for n in exact)
-    return (num / sum(g.float().square().sum() for g in exact.values())).sqrt()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -30,7 +26,7 @@ def test_bf16_loss_and_grads_within_twice_pytorchs_own_error(checkpoints, family
     loss, grads = loss_and_grads(model, ids)
     stock_err, ours_err = (stock_loss.float() - exact_loss).abs(), (loss.float() - exact_loss).abs()
     assert ours_err <= 2 * stock_err + 1e-3, (ours_err, stock_err)
-    ours_gerr, stock_gerr = _grad_error(grads, exact_grads), _grad_error(stock_grads, exact_grads)
+    ours_gerr, stock_gerr = grad_error(grads, exact_grads), grad_error(stock_grads, exact_grads)
     assert ours_gerr <= 2 * stock_gerr + 1e-3, (ours_gerr, stock_gerr)
 
 
