@@ -19,6 +19,13 @@ def _nf4_args(packed: torch.Tensor, state: NF4QuantState):
             state.nested_blocksize)
 
 
+def _capturing_cuda_graph() -> bool:
+    # torch.compile traces, it does not capture; a CPU-only torch raises on the capture query,
+    # and no stream can be capturing before CUDA is initialized
+    return (not torch.compiler.is_compiling() and torch.cuda.is_initialized()
+            and torch.cuda.is_current_stream_capturing())
+
+
 def lora_linear(
     x: torch.Tensor,
     weight,
@@ -35,8 +42,9 @@ def lora_linear(
     `lora_A` [r, in], `lora_B` [out, r] as PEFT stores them; `scaling` is alpha / r (or
     alpha / sqrt(r) for rsLoRA). Dropout (only when `training` and `dropout_p` > 0) is drawn
     in-kernel from a seed taken from torch's default generator, so `torch.manual_seed` makes
-    it reproducible. Computes in x's dtype with fp32 accumulation; gradients flow to x, bias,
-    lora_A and lora_B, never to the base weight.
+    it reproducible; that seed is drawn on the host, so a call with dropout refuses CUDA graph
+    capture (replays would reuse one mask). Computes in x's dtype with fp32 accumulation;
+    gradients flow to x, bias, lora_A and lora_B, never to the base weight.
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
         raise ValueError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
@@ -73,6 +81,11 @@ def lora_linear(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0
+    if p > 0 and _capturing_cuda_graph():
+        raise RuntimeError(
+            f"lora_linear: dropout (dropout_p={dropout_p}, training=True) cannot be captured in a CUDA graph: its seed "
+            "is drawn on the host at each call, so every replay would reuse one dropout mask. Capture with "
+            "dropout_p=0 or training=False (model.eval()), or run the dropout steps outside the graph")
     # a CPU tensor, not an int: no .item() sync and no graph break under torch.compile
     seed = torch.randint(0, 2**31 - 1, (1,)) if p > 0 else torch.zeros(1, dtype=torch.int64)
     dtype = x.dtype
