@@ -141,12 +141,15 @@ def nf4_dequantize_triton(
     nested_code: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     nested_blocksize: int = reference.NESTED_BLOCKSIZE,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton twin of `reference.nf4_dequantize` (same arguments, same bits).
 
     `packed` may have any storage dtype (its bytes are read as uint8). `absmax` is fp32,
     or uint8 codes when `nested_absmax`, `nested_code` and `offset` (0-d fp32) are given.
-    The output is allocated on `packed`'s device.
+    The output is allocated on `packed`'s device, or written into `out` (contiguous, `shape`,
+    `dtype`, on `packed`'s device), which is returned: a caller that dequantizes the same
+    shapes over and over keeps one buffer.
     """
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"dtype={dtype} is not supported; use one of {_OUT_DTYPES}")
@@ -154,7 +157,12 @@ def nf4_dequantize_triton(
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     device = packed.device
-    out = torch.empty(shape, dtype=dtype, device=device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    elif tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, got "
+                         f"{'a non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} tensor of shape "
+                         f"{list(out.shape)} on {out.device}")
     if n == 0:
         return out
 
