@@ -2,6 +2,8 @@
 CPU tensors through Triton's interpreter; on a GPU the same functions run natively."""
 
 import os
+import weakref
+from types import SimpleNamespace
 
 import torch
 
@@ -10,9 +12,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+
 from qlora_kernels import reference as R  # noqa: E402
 from qlora_kernels.backends import cuda as glue  # noqa: E402
+from qlora_kernels.nf4_weight import NF4Weight  # noqa: E402
 from qlora_kernels.ops import attention as attention_ops  # noqa: E402
+from qlora_kernels.triton import flash_attention, flash_decode  # noqa: E402
+from qlora_kernels.triton import lora as triton_lora  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -91,3 +98,185 @@ def test_lora_decode_gemv_path_matches_reference(M):
     ours_err = (y.double() - want).abs().max()
     stock_err = (stock.double() - want).abs().max()
     assert ours_err <= 2 * stock_err + 1e-3
+
+
+# ---- every kernel runs on its inputs' device ----
+
+@pytest.fixture
+def current_device(monkeypatch):
+    """torch.cuda.device replaced by a recorder: the stack of devices made current."""
+    stack = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            stack.append(self.device)
+
+        def __exit__(self, *exc):
+            stack.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    return stack
+
+
+def _on_cuda1(*shapes, dtype=torch.bfloat16):
+    """Tensors that say they live on cuda:1 (fake tensors: shapes and devices, no data)."""
+    with FakeTensorMode():
+        return [torch.empty(shape, dtype=dtype, device="cuda:1") for shape in shapes]
+
+
+def test_on_input_device_makes_the_first_tensors_device_current(current_device):
+    seen = []
+    run = glue.on_input_device(lambda *args, **kwargs: seen.append(list(current_device)))
+    (t,) = _on_cuda1((2,))
+    run(3, t, torch.zeros(1))
+    run(scale=2.0, x=t)
+    run(torch.zeros(2), t)  # a CPU tensor first: the interpreter's case, nothing to switch
+    run(None)
+    assert seen == [[torch.device("cuda:1")]] * 2 + [[]] * 2
+    assert current_device == []
+
+
+def _recording(seen, current_device, result):
+    def launcher(*args, **kwargs):
+        seen.append(list(current_device))
+        return result(*args) if callable(result) else result
+    return launcher
+
+
+def test_triton_attention_launches_on_the_inputs_device(current_device, monkeypatch):
+    seen = []
+    monkeypatch.setattr(flash_attention, "flash_attention_fwd_triton", _recording(seen, current_device, "fwd"))
+    monkeypatch.setattr(flash_decode, "flash_decode_triton", _recording(seen, current_device, "decode"))
+    monkeypatch.setattr(flash_attention, "flash_attention_bwd_triton",
+                        _recording(seen, current_device, lambda dout, q, k, v, *rest: (q, k, v)))
+    monkeypatch.setattr(attention_ops, "grads_like_inputs", lambda inputs, grads: grads)
+    q, k, v = _on_cuda1((1, 2, 24, 16), (1, 2, 300, 16), (1, 2, 300, 16))
+    q1 = _on_cuda1((1, 2, 1, 16))[0]
+    assert glue.triton_flash_attention_fwd(q, k, v, True, 0.25, None, None, None, 0) == "fwd"
+    assert glue.triton_flash_attention_fwd(q1, k, v, True, 0.25, None, None, None, 0) == "decode"
+    glue.triton_flash_attention_bwd(q, q, k, v, q, q, True, 0.25, None, None, None, 0)
+    assert seen == [[torch.device("cuda:1")]] * 3
+
+
+@pytest.mark.parametrize("M", [4])
+def test_triton_lora_launches_on_the_inputs_device(M, current_device, monkeypatch):
+    seen = []
+    grads = (torch.zeros(1),) * 4
+    for module, name, result in ((triton_lora, "lora_forward_triton", ("y", "xa")),
+                                 (triton_lora, "lora_backward_triton", grads)):
+        monkeypatch.setattr(module, name, _recording(seen, current_device, result))
+    x, w, A, B, dy = _on_cuda1((M, 64), (32, 64), (8, 64), (32, 8), (M, 32))
+    seed = torch.tensor([3])
+    dense = (w, None, None, None, None, None, 0, 0)
+    glue.triton_lora_linear_fwd(x, *dense, 32, None, A, B, 1.0, 0.1, seed)
+    glue.triton_lora_linear_bwd(dy, x, *dense, A, B, 1.0, 0.1, seed, x)
+    assert seen == [[torch.device("cuda:1")]] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("M", [4, 40])  # GEMV, fused
+def test_layer_on_the_second_gpu_with_the_first_current(M):
+    import qlora_kernels as qk
+
+    linear = torch.nn.Linear(256, 192, device="cuda:1", dtype=torch.bfloat16)
+    layer = qk.NF4Linear.from_linear(linear, quant_storage=torch.bfloat16)
+    x = torch.randn(M, 256, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    A = (torch.randn(16, 256, device="cuda:1") * 0.05).to(torch.bfloat16).requires_grad_()
+    B = (torch.randn(192, 16, device="cuda:1") * 0.05).to(torch.bfloat16).requires_grad_()
+    q, k, v = (torch.randn(1, 4, M, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
+    with torch.cuda.device(0):
+        y = qk.lora_linear(x, layer, linear.bias, A, B, 2.0)
+        y.sum().backward()
+        out = qk.flash_attention(q, k, v, causal=True)
+        torch.cuda.synchronize(1)
+    W = layer.dequantize(torch.float32).double()
+    xr, Ar, Br = (t.detach().double().requires_grad_() for t in (x, A, B))
+    want = R.lora.lora_linear(xr, W, linear.bias.double(), Ar, Br, 2.0)
+    want.sum().backward()
+    torch.testing.assert_close(y.double(), want, atol=0.05, rtol=0.02)
+    for got, ref in ((x.grad, xr.grad), (A.grad, Ar.grad), (B.grad, Br.grad)):
+        torch.testing.assert_close(got.double(), ref, atol=0.05, rtol=0.02)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    torch.testing.assert_close(out.double(), sdpa, atol=0.02, rtol=0.02)
+
+
+# ---- the decode GEMV's inputs ----
+
+def test_gemv_gets_every_operand_in_its_dtype_alive_at_launch(monkeypatch):
+    """The GEMV reads bias and lora_B as x's dtype and xa as fp32 through raw pointers: each pointer
+    it gets must belong to a tensor of that dtype still alive when the launch is made."""
+    owners = {}
+    real_data_ptr = torch.Tensor.data_ptr
+
+    def data_ptr(self):
+        ptr = real_data_ptr(self)
+        owners[ptr] = (weakref.ref(self), self.dtype)
+        return ptr
+
+    launched = {}
+
+    def lora_gemv_nf4_cuda(x, dtype, M, K, packed, absmax, absmax_q, nested_absmax, nested_code, offset,
+                           nested_blocksize, blocksize, N, bias, xa, lora_B, rank, scaling, y, stream):
+        for name, ptr in (("x", x), ("bias", bias), ("xa", xa), ("lora_B", lora_B), ("y", y), ("absmax", absmax)):
+            tensor, ptr_dtype = owners[ptr]
+            launched[name] = (tensor() is not None, ptr_dtype)
+        launched["rank"] = rank
+
+    monkeypatch.setattr(torch.Tensor, "data_ptr", data_ptr)
+    monkeypatch.setattr(glue, "_C", SimpleNamespace(lora_gemv_nf4_cuda=lora_gemv_nf4_cuda))
+    monkeypatch.setattr(glue, "_stream", lambda device: 0)
+    N, K, r = 24, 64, 4
+    packed, absmax = R.nf4_quantize_blocks(torch.randn(N, K), 64)
+    state = NF4Weight(packed, absmax, None, None, None, 64, 256, (N, K), torch.bfloat16)
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    bias = torch.randn(2 * N)[::2]  # fp32 and strided: two conversions
+    lora_B = torch.randn(r, N).t()  # fp32, transposed
+    xa = torch.randn(3, r, dtype=torch.bfloat16)
+    y = glue.lora_gemv_cuda(x, state, bias, xa, lora_B, 2.0)
+    alive_as = {"x": torch.bfloat16, "bias": torch.bfloat16, "lora_B": torch.bfloat16, "xa": torch.float32,
+                "y": torch.bfloat16, "absmax": torch.float32}
+    assert launched == {**{name: (True, dtype) for name, dtype in alive_as.items()}, "rank": r}
+    assert y.shape == (3, N) and y.dtype == torch.bfloat16
+
+
+def test_gemv_rejects_mismatched_operands():
+    N, K = 24, 64
+    packed, absmax = R.nf4_quantize_blocks(torch.randn(N, K), 64)
+    state = NF4Weight(packed, absmax, None, None, None, 64, 256, (N, K), torch.bfloat16)
+    x, xa, B = torch.randn(2, K), torch.randn(2, 4), torch.randn(N, 4)
+    with pytest.raises(ValueError, match=r"bias must be \[24\], got \(25,\)"):
+        glue.lora_gemv_cuda(x, state, torch.randn(N + 1), xa, B, 1.0)
+    with pytest.raises(ValueError, match=r"lora_B must be \[24, r\] and xa \[2, r\]"):
+        glue.lora_gemv_cuda(x, state, None, xa, torch.randn(N, 5), 1.0)
+    with pytest.raises(ValueError, match="x has 32 features"):
+        glue.lora_gemv_cuda(x[:, :32], state, None, xa, B, 1.0)
+    with pytest.raises(ValueError, match="x must be 2-D fp32/fp16/bf16"):
+        glue.lora_gemv_cuda(x.double(), state, None, xa, B, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gemv_with_an_fp32_strided_bias_and_bf16_x():
+    import qlora_kernels as qk
+
+    if not glue.has_cuda_kernels():
+        pytest.fail("the CUDA kernels were not built (nvcc missing at install time): the GEMV cannot run")
+    linear = torch.nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    layer = qk.NF4Linear.from_linear(linear, quant_storage=torch.bfloat16)
+    state = NF4Weight.from_quant_state(layer.weight, layer.quant_state)
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    A = (torch.randn(16, 4096, device="cuda") * 0.02).to(torch.bfloat16)
+    B = (torch.randn(1024, 16, device="cuda") * 0.02).to(torch.bfloat16)
+    bias = torch.randn(2048, device="cuda")[::2]  # fp32, strided
+    assert glue._gemv_applies(x, state, 0.0)
+    xa = x.float() @ A.float().t()
+    y = glue.lora_gemv_cuda(x, state, bias, xa, B, 2.0)
+    torch.cuda.synchronize()
+    W = layer.dequantize(torch.float32)
+    want = R.lora.lora_linear(x.double(), W.double(), bias.double(), A.double(), B.double(), 2.0)
+    stock = R.lora.lora_linear(x, W.to(torch.bfloat16), bias.to(torch.bfloat16), A, B, 2.0)
+    assert (y.double() - want).abs().max() <= 2 * (stock.double() - want).abs().max() + 1e-3

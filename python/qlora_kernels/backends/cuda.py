@@ -5,6 +5,7 @@ extra), so without it a CUDA dequantize raises ImportError naming it."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,7 +15,7 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
-from .common import as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
+from .common import DTYPE_TAGS, as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
 
 _C = native()
 
@@ -23,50 +24,72 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def on_input_device(fn):
+    """`fn` run with its first tensor argument's device as the current CUDA device.
+
+    Triton launches on the current device, and the C++ kernels and `torch.cuda.current_stream()`
+    default to it: with layers on several GPUs (`device_map="auto"`) a kernel would otherwise run
+    on whichever device is current, with another device's pointers. CPU tensors (the Triton
+    interpreter) run `fn` as it is."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if device is None or device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+    return run
+
+
+def cuda_kernel(op, implementation: str):
+    """Register the decorated function as `op`'s CUDA kernel, run on its inputs' device
+    (`on_input_device`); every kernel of this backend is registered through here."""
+    def register(fn):
+        return kernel(op, "cuda", implementation)(on_input_device(fn))
+    return register
+
+
 if has_cuda_kernels():
 
-    @kernel(ops.nf4_quantize_blocks, "cuda", "CUDA")
+    @cuda_kernel(ops.nf4_quantize_blocks, "CUDA")
     def _(weight: torch.Tensor, blocksize: int):
         weight = weight.contiguous()
         n = weight.numel()
         packed = torch.empty(((n + 1) // 2,), dtype=torch.uint8, device=weight.device)
         absmax = torch.empty((math.ceil(n / blocksize),), dtype=torch.float32, device=weight.device)
-        with torch.cuda.device(weight.device):
-            _C.nf4_quantize_cuda(
-                weight.data_ptr(), dtype_tag(weight.dtype), n, blocksize, packed.data_ptr(), absmax.data_ptr(),
-                _stream(weight.device),
-            )
+        _C.nf4_quantize_cuda(
+            weight.data_ptr(), dtype_tag(weight.dtype), n, blocksize, packed.data_ptr(), absmax.data_ptr(),
+            _stream(weight.device),
+        )
         return packed, absmax
 
-    @kernel(ops.nf4_dequantize, "cuda", "CUDA")
+    @cuda_kernel(ops.nf4_dequantize, "CUDA")
     def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
         packed = as_bytes(packed)
         tensors = [t.contiguous() if t is not None else None for t in (absmax, nested_absmax, nested_code, offset)]
         tensors = [t.float() if t is not None and t.dtype != torch.uint8 else t for t in tensors]
         out = torch.empty(shape, dtype=dtype, device=packed.device)
         absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*tensors)
-        with torch.cuda.device(packed.device):
-            _C.nf4_dequantize_cuda(
-                packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                nested_blocksize, out.numel(), blocksize, out.data_ptr(), dtype_tag(dtype), _stream(packed.device),
-            )
+        _C.nf4_dequantize_cuda(
+            packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            nested_blocksize, out.numel(), blocksize, out.data_ptr(), dtype_tag(dtype), _stream(packed.device),
+        )
         return out
 
-    @kernel(ops.quantize_blockwise_8bit, "cuda", "CUDA")
+    @cuda_kernel(ops.quantize_blockwise_8bit, "CUDA")
     def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
         A = A.contiguous().float()
         out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
         absmax = torch.empty((math.ceil(A.numel() / blocksize),), dtype=torch.float32, device=A.device)
-        with torch.cuda.device(A.device):
-            _C.quantize_blockwise_8bit_cuda(
-                A.data_ptr(), dynamic_lut(code).data_ptr(), A.numel(), blocksize, out.data_ptr(), absmax.data_ptr(),
-                _stream(A.device),
-            )
+        _C.quantize_blockwise_8bit_cuda(
+            A.data_ptr(), dynamic_lut(code).data_ptr(), A.numel(), blocksize, out.data_ptr(), absmax.data_ptr(),
+            _stream(A.device),
+        )
         return out, absmax
 
 else:
 
-    @kernel(ops.nf4_dequantize, "cuda", "Triton")
+    @cuda_kernel(ops.nf4_dequantize, "Triton")
     def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
         # imported on first use: `import qlora_kernels` stays free of triton's start-up cost
         from ..triton.nf4_dequant import nf4_dequantize_triton
@@ -85,7 +108,7 @@ DECODE_MAX_QUERIES = 16
 DECODE_MIN_KEYS = 256
 
 
-@kernel(attention_ops.flash_attention_fwd, "cuda", "Triton")
+@cuda_kernel(attention_ops.flash_attention_fwd, "Triton")
 def triton_flash_attention_fwd(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
     if cu_seqlens is None and causal and q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS:
         from ..triton.flash_decode import flash_decode_triton
@@ -97,7 +120,7 @@ def triton_flash_attention_fwd(q, k, v, causal, softmax_scale, alibi_slopes, key
                                       max_seqlen or None)
 
 
-@kernel(attention_ops.flash_attention_bwd, "cuda", "Triton")
+@cuda_kernel(attention_ops.flash_attention_bwd, "Triton")
 def triton_flash_attention_bwd(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
     from ..triton.flash_attention import flash_attention_bwd_triton
 
@@ -114,22 +137,38 @@ def nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, block
 
 
 def lora_gemv_cuda(x, state: NF4Weight, bias, xa, lora_B, scaling):
-    """Decode (M <= _C.lora_gemv_max_rows): y = x·Wᵀ + bias + scaling·xa·Bᵀ reading the packed W once."""
+    """Decode (M <= _C.lora_gemv_max_rows): y = x·Wᵀ + bias + scaling·xa·Bᵀ reading the packed W once.
+
+    The kernel reads x, bias and lora_B as x's dtype and xa as fp32: each is converted here, and
+    every converted copy stays bound to a name until the launch is enqueued (a temporary freed
+    before it could be reused by the allocator, or returned to the driver with caching off)."""
+    if x.dim() != 2 or x.dtype not in DTYPE_TAGS:
+        raise ValueError(f"x must be 2-D fp32/fp16/bf16, got {tuple(x.shape)} {x.dtype}")
     M, K = x.shape
     N = state.shape[0]
+    r = lora_B.shape[-1]
+    if state.shape[1] != K:
+        raise ValueError(f"the NF4 weight is {list(state.shape)}, x has {K} features")
+    if lora_B.shape != (N, r) or xa.shape != (M, r):
+        raise ValueError(f"lora_B must be [{N}, r] and xa [{M}, r], got {tuple(lora_B.shape)} and {tuple(xa.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    x = x.contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    lora_B = lora_B.to(x.dtype).contiguous()
+    xa = xa.float().contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     packed = as_bytes(state.packed)
-    absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(
-        state.absmax, state.nested_absmax, state.nested_code, state.offset)
-    xa = xa.float().contiguous()
-    lora_B = lora_B.contiguous()
-    with torch.cuda.device(x.device):
-        _C.lora_gemv_nf4_cuda(
-            x.data_ptr(), dtype_tag(x.dtype), M, K, packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr,
-            nested_code_ptr, offset_ptr, state.nested_blocksize, state.blocksize, N,
-            0 if bias is None else bias.contiguous().data_ptr(), xa.data_ptr(), lora_B.data_ptr(), lora_B.shape[1],
-            float(scaling), y.data_ptr(), _stream(x.device),
-        )
+    scales = [t.contiguous() if t is not None else None
+              for t in (state.absmax, state.nested_absmax, state.nested_code, state.offset)]
+    scales = [t.float() if t is not None and t.dtype != torch.uint8 else t for t in scales]
+    absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*scales)
+    _C.lora_gemv_nf4_cuda(
+        x.data_ptr(), dtype_tag(x.dtype), M, K, packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr,
+        nested_code_ptr, offset_ptr, state.nested_blocksize, state.blocksize, N,
+        0 if bias is None else bias.data_ptr(), xa.data_ptr(), lora_B.data_ptr(), r, float(scaling), y.data_ptr(),
+        _stream(x.device),
+    )
     return y
 
 
@@ -140,7 +179,7 @@ def _gemv_applies(x, state, dropout_p) -> bool:
             and as_bytes(state.packed).data_ptr() % 16 == 0)
 
 
-@kernel(lora_ops.lora_linear_fwd, "cuda", "Triton (CUDA GEMV for M <= 16)")
+@cuda_kernel(lora_ops.lora_linear_fwd, "Triton (CUDA GEMV for M <= 16)")
 def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                            nested_blocksize, out_features, bias, lora_A, lora_B, scaling, dropout_p, seed):
     state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
@@ -153,7 +192,7 @@ def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code
     return lora_forward_triton(x, weight, state, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
 
 
-@kernel(lora_ops.lora_linear_bwd, "cuda", "Triton")
+@cuda_kernel(lora_ops.lora_linear_bwd, "Triton")
 def triton_lora_linear_bwd(dy, x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, lora_A,
       lora_B, scaling, dropout_p, seed, xa):
     from ..triton.lora import lora_backward_triton
