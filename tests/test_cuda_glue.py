@@ -161,12 +161,14 @@ def test_triton_attention_launches_on_the_inputs_device(current_device, monkeypa
     assert seen == [[torch.device("cuda:1")]] * 3
 
 
-@pytest.mark.parametrize("M", [4])
+@pytest.mark.parametrize("M", [4, 1024])  # the fused kernels, dequantize-once
 def test_triton_lora_launches_on_the_inputs_device(M, current_device, monkeypatch):
     seen = []
     grads = (torch.zeros(1),) * 4
     for module, name, result in ((triton_lora, "lora_forward_triton", ("y", "xa")),
-                                 (triton_lora, "lora_backward_triton", grads)):
+                                 (glue, "lora_forward_dequant_mm", ("y", "xa")),
+                                 (triton_lora, "lora_backward_triton", grads),
+                                 (glue, "lora_backward_dequant_mm", grads)):
         monkeypatch.setattr(module, name, _recording(seen, current_device, result))
     x, w, A, B, dy = _on_cuda1((M, 64), (32, 64), (8, 64), (32, 8), (M, 32))
     seed = torch.tensor([3])
@@ -176,9 +178,17 @@ def test_triton_lora_launches_on_the_inputs_device(M, current_device, monkeypatc
     assert seen == [[torch.device("cuda:1")]] * 2
 
 
+def test_triton_dequantize_launches_on_the_inputs_device(current_device, monkeypatch):
+    seen = []
+    monkeypatch.setattr(glue, "nf4_dequantize_into", _recording(seen, current_device, "out"))
+    packed, absmax = _on_cuda1((64,), (2,), dtype=torch.uint8)
+    assert glue.cuda_nf4_dequantize(packed, absmax, None, None, None, 64, 256, (2, 64), torch.bfloat16) == "out"
+    assert seen == [[torch.device("cuda:1")]]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-@pytest.mark.parametrize("M", [4, 40])  # GEMV, fused
+@pytest.mark.parametrize("M", [4, 40, 1024])  # GEMV, fused, dequantize-once
 def test_layer_on_the_second_gpu_with_the_first_current(M):
     import qlora_kernels as qk
 

@@ -1,7 +1,11 @@
 """CUDA: the CUDA C++ kernels of kernels/ through qlora_kernels._C when they were
 compiled; otherwise the Triton dequantize kernel (a build without nvcc still gets a fast
 GPU dequantize) and the reference for the rest. Triton is a GPU requirement (the `gpu`
-extra), so without it a CUDA dequantize raises ImportError naming it."""
+extra), so without it a CUDA dequantize raises ImportError naming it.
+
+LoRA linear by tokens M: the CUDA GEMV for decode (M <= 16), the fused Triton kernels for
+small M, dequantize-once + cuBLAS (lora_dequant_mm.py) from LORA_DEQUANT_ONCE_MIN_TOKENS.
+Every kernel runs with its inputs' device current (`cuda_kernel`)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
 from .common import DTYPE_TAGS, as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
+from .lora_dequant_mm import absmax_operands, lora_backward_dequant_mm, lora_forward_dequant_mm, nf4_dequantize_into
 
 _C = native()
 
@@ -63,19 +68,6 @@ if has_cuda_kernels():
         )
         return packed, absmax
 
-    @cuda_kernel(ops.nf4_dequantize, "CUDA")
-    def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
-        packed = as_bytes(packed)
-        tensors = [t.contiguous() if t is not None else None for t in (absmax, nested_absmax, nested_code, offset)]
-        tensors = [t.float() if t is not None and t.dtype != torch.uint8 else t for t in tensors]
-        out = torch.empty(shape, dtype=dtype, device=packed.device)
-        absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*tensors)
-        _C.nf4_dequantize_cuda(
-            packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-            nested_blocksize, out.numel(), blocksize, out.data_ptr(), dtype_tag(dtype), _stream(packed.device),
-        )
-        return out
-
     @cuda_kernel(ops.quantize_blockwise_8bit, "CUDA")
     def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
         A = A.contiguous().float()
@@ -87,16 +79,11 @@ if has_cuda_kernels():
         )
         return out, absmax
 
-else:
 
-    @cuda_kernel(ops.nf4_dequantize, "Triton")
-    def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
-        # imported on first use: `import qlora_kernels` stays free of triton's start-up cost
-        from ..triton.nf4_dequant import nf4_dequantize_triton
-
-        return nf4_dequantize_triton(
-            packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
-        )
+@cuda_kernel(ops.nf4_dequantize, "CUDA" if has_cuda_kernels() else "Triton")
+def cuda_nf4_dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
+    out = packed.new_empty(tuple(shape), dtype=dtype)
+    return nf4_dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out)
 
 
 # Triton kernels are imported on first use: `import qlora_kernels` stays free of triton's
@@ -159,9 +146,7 @@ def lora_gemv_cuda(x, state: NF4Weight, bias, xa, lora_B, scaling):
     xa = xa.float().contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     packed = as_bytes(state.packed)
-    scales = [t.contiguous() if t is not None else None
-              for t in (state.absmax, state.nested_absmax, state.nested_code, state.offset)]
-    scales = [t.float() if t is not None and t.dtype != torch.uint8 else t for t in scales]
+    scales = absmax_operands(state.absmax, state.nested_absmax, state.nested_code, state.offset)
     absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*scales)
     _C.lora_gemv_nf4_cuda(
         x.data_ptr(), dtype_tag(x.dtype), M, K, packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr,
@@ -172,6 +157,26 @@ def lora_gemv_cuda(x, state: NF4Weight, bias, xa, lora_B, scaling):
     return y
 
 
+# Tokens (rows of x) from which the LoRA forward and backward dequantize an NF4 W once into a
+# workspace and hand the base product to cuBLAS (backends/lora_dequant_mm.py) instead of the
+# fused Triton kernel. Compiled, the fused NF4 forward runs about 892 instructions per K-step
+# around 4 tensor-core instructions (Triton 3.9; 1,861 on 3.6) and dequantizes W again for
+# every tile of 128 rows: tensor-core use is capped near 29% (3.9) and 14% (3.6) of peak,
+# where cuBLAS reaches about 70%. Per element of W on an H100 (989 TFLOP/s bf16, 3.35 TB/s,
+# ~70% of either reached): dequantize-once costs one pass over W (0.5 byte read, 2 written,
+# ~1.1 ps) plus a GEMM that is memory-bound on the 2-byte W below ~300 tokens (~0.85 ps) and
+# takes 2·M flops at ~700 TFLOP/s above; the fused kernel, compute-bound from a few tens of
+# tokens, takes 2·M flops at ~290 (3.9) or ~140 (3.6) TFLOP/s. Every term scales with N·K, so
+# the crossing is a token count whatever the layer's shape: about 280 (3.9) and 135 (3.6).
+# Left out of the estimate: the dequantize path's extra launches and its extra pass over y,
+# which weigh most at a few hundred tokens. 512 is about twice the crossing, where the
+# estimate has dequantize-once 1.4x (3.9) to 2.9x (3.6) faster; training steps (batch x
+# sequence in the thousands: 2.2x to 4.6x at 4096 tokens) take it, decode and short prompts
+# keep the fused kernel and need no workspace. To be set from `qlora-kernels bench lora`,
+# whose NF4 rows from 128 to 2048 tokens time both paths, on the first GPU run.
+LORA_DEQUANT_ONCE_MIN_TOKENS = 512
+
+
 def _gemv_applies(x, state, dropout_p) -> bool:
     # the GEMV needs 16-byte aligned packed bytes; dropout (training) takes the Triton path
     return (state is not None and x.is_cuda and has_cuda_kernels() and dropout_p == 0.0
@@ -179,7 +184,12 @@ def _gemv_applies(x, state, dropout_p) -> bool:
             and as_bytes(state.packed).data_ptr() % 16 == 0)
 
 
-@cuda_kernel(lora_ops.lora_linear_fwd, "Triton (CUDA GEMV for M <= 16)")
+def _dequant_once_applies(x) -> bool:
+    # fp32 always: the fused kernels' fp32 configs spill (they are a correctness path, not a fast one)
+    return x.dtype == torch.float32 or x.shape[0] >= LORA_DEQUANT_ONCE_MIN_TOKENS
+
+
+@cuda_kernel(lora_ops.lora_linear_fwd, "CUDA GEMV (M <= 16), Triton fused, dequantize-once + cuBLAS (large M)")
 def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                            nested_blocksize, out_features, bias, lora_A, lora_B, scaling, dropout_p, seed):
     state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
@@ -187,18 +197,24 @@ def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code
     if _gemv_applies(x, state, dropout_p):
         xa = x.float() @ lora_A.float().t()
         return lora_gemv_cuda(x, state, bias, xa, lora_B, scaling), xa
+    if _dequant_once_applies(x):
+        return lora_forward_dequant_mm(x, weight, state, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
     from ..triton.lora import lora_forward_triton
 
     return lora_forward_triton(x, weight, state, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
 
 
-@cuda_kernel(lora_ops.lora_linear_bwd, "Triton")
-def triton_lora_linear_bwd(dy, x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, lora_A,
-      lora_B, scaling, dropout_p, seed, xa):
-    from ..triton.lora import lora_backward_triton
-
+@cuda_kernel(lora_ops.lora_linear_bwd, "Triton fused, dequantize-once + cuBLAS (large M)")
+def triton_lora_linear_bwd(dy, x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                           nested_blocksize, lora_A, lora_B, scaling, dropout_p, seed, xa):
     state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                        dy.shape[1], x.shape[1], x.dtype)
-    dx, dA, dB, dbias = lora_backward_triton(dy, x, weight, state, lora_A, lora_B, scaling, dropout_p, int(seed),
-                                             xa, True, True, True, True)
+    if _dequant_once_applies(x):
+        dx, dA, dB, dbias = lora_backward_dequant_mm(dy, x, weight, state, lora_A, lora_B, scaling, dropout_p,
+                                                     int(seed), xa)
+    else:
+        from ..triton.lora import lora_backward_triton
+
+        dx, dA, dB, dbias = lora_backward_triton(dy, x, weight, state, lora_A, lora_B, scaling, dropout_p, int(seed),
+                                                 xa, True, True, True, True)
     return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias.to(dy.dtype)

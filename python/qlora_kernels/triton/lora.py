@@ -14,6 +14,8 @@ Kernels:
   keep / (1 - p) ⊙ (scaling · (dY · lora_B) · lora_A), then dY · W over N, W dequantized as above.
 * `_lora_dA_kernel`: dA = scaling · (dY · lora_B)ᵀ · dropout(x), M split over programs with
   fp32 partial sums added by torch (deterministic, unlike atomics).
+* `_lora_dx_lowrank_kernel`: keep / (1 - p) ⊙ (scaling · (dY · lora_B) · lora_A) alone, for the
+  dequantize-once path, which adds dY · W through cuBLAS.
   dB, dY · lora_B and dbias are small rank-r GEMMs / reductions without dropout: torch.
 
 Dropout: keep[m, k] = tl.rand(seed, m * K + k) >= p (Philox, 32-bit counter, so the mask
@@ -49,7 +51,8 @@ from qlora_kernels import reference
 from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.triton.nf4_dequant import _cast_rn, _interpreting, nf4_absmax_values, nf4_dequant_values
 
-__all__ = ["lora_forward_triton", "lora_backward_triton", "lora_dropout_keep"]
+__all__ = ["lora_forward_triton", "lora_backward_triton", "lora_dropout_keep", "lora_xa_triton", "lora_dA_triton",
+           "lora_dx_lowrank_triton"]
 
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETING = _interpreting()
@@ -423,19 +426,12 @@ def lora_forward_triton(
     w_args = _weight_args(weight, nf4_state, N, K, x2d)
     device = x2d.device
     x2d, lora_A, lora_B = x2d.contiguous(), lora_A.contiguous(), lora_B.contiguous()
-    xa = torch.empty((M, r), dtype=torch.float32, device=device)
     y = torch.empty((M, N), dtype=x2d.dtype, device=device)
+    xa = lora_xa_triton(x2d, lora_A, dropout_p, seed)
     if M == 0:
         return y, xa
     flags = _launch_flags(x2d)
-    dropout = dropout_p > 0
     block_r = _block_r(r)
-    block_m, block_k = (16, 64) if _INTERPRETING else (32, 64)
-    _lora_xa_kernel[(triton.cdiv(M, block_m), triton.cdiv(r, block_r))](
-        x2d, lora_A, xa, M, K, r, int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p),
-        DROPOUT=dropout, UPCAST_DOT=flags["UPCAST_DOT"], DOT_PRECISION=flags["DOT_PRECISION"],
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, num_stages=4, enable_fp_fusion=False,
-    )
     bias_arg = bias.contiguous() if bias is not None else y
 
     def grid(meta):
@@ -506,14 +502,120 @@ def lora_backward_triton(
             )
 
     if needs_dA:
-        block_k, block_m = 64, (16 if _INTERPRETING else 64)
-        tiles = triton.cdiv(r, block_r) * triton.cdiv(K, block_k)
-        splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(_DA_PROGRAMS_PER_SM * _sm_count(device), tiles)))
-        partial = torch.empty((splits, r, K), dtype=torch.float32, device=device)
-        _lora_dA_kernel[(tiles, splits)](
-            dyb, x2d.contiguous(), partial, M, K, r, lora_scale, int(seed), float(dropout_p),
-            DROPOUT=dropout, UPCAST_DOT=flags["UPCAST_DOT"], DOT_PRECISION=flags["DOT_PRECISION"],
-            BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=4, num_stages=3, enable_fp_fusion=False,
-        )
-        dA = partial.sum(0).to(dtype)
+        dA = lora_dA_triton(dyb, x2d, lora_scale, dropout_p, seed).to(dtype)
     return dx, dA, dB, dbias
+
+
+# The rank-r terms on their own, for the dequantize-once path (backends/lora_dequant_mm.py),
+# whose base product dY · W or x · Wᵀ goes to cuBLAS over a dequantized W. Same dropout
+# draw, same roundings as the fused kernels above.
+
+@triton.jit
+def _lora_dx_lowrank_kernel(dyb_ptr, lora_A_ptr, dx_ptr, M, K, r, lora_scale, seed, dropout_p,
+                            DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            NV_PTX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_R: tl.constexpr):
+    # dx tile = keep ⊙ lora_scale · (dY · lora_B) · lora_A, the mask drawn again from the seed
+    DTYPE: tl.constexpr = dx_ptr.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = offs_m[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    dyb_rows = dyb_ptr + offs_m[:, None].to(tl.int64) * r
+    for r0 in range(0, r, BLOCK_R):
+        rr = r0 + offs_r
+        dyb = tl.load(dyb_rows + rr[None, :], mask=m_ok & (rr[None, :] < r), other=0.0)
+        a = tl.load(lora_A_ptr + rr[:, None] * K + offs_k[None, :], mask=(rr[:, None] < r) & (offs_k[None, :] < K),
+                    other=0.0)
+        acc = _dot(dyb, a, acc, UPCAST_DOT, DOT_PRECISION)
+    acc = acc * lora_scale
+    if DROPOUT:
+        acc = tl.where(_dropout_keep(seed, offs_m[:, None], offs_k[None, :], K, dropout_p), acc, 0.0)
+    tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], _cast_rn(acc, DTYPE, NV_PTX),
+             mask=m_ok & (offs_k[None, :] < K))
+
+
+def _check_rank_operands(name: str, rows: torch.Tensor, lora_A: torch.Tensor) -> tuple[int, int, int]:
+    """(M, K, r) of x2d [M, K] or dY · lora_B [M, r] against lora_A [r, K] (one dtype, one device)."""
+    if rows.dim() != 2 or lora_A.dim() != 2 or rows.dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"{name} and lora_A must be 2-D fp32/fp16/bf16, got {name} {tuple(rows.shape)} "
+                         f"{rows.dtype} and lora_A {tuple(lora_A.shape)}")
+    if lora_A.dtype != rows.dtype or lora_A.device != rows.device:
+        raise ValueError(f"lora_A ({lora_A.dtype}, {lora_A.device}) must share {name}'s dtype and device "
+                         f"({rows.dtype}, {rows.device})")
+    r, K = lora_A.shape
+    if not 1 <= r <= _MAX_RANK:
+        raise ValueError(f"rank {r} outside 1..{_MAX_RANK}")
+    return rows.shape[0], K, r
+
+
+def lora_xa_triton(x2d: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """xa = dropout(x2d) · lora_Aᵀ [M, r] in fp32, the mask the one every kernel here draws from `seed`."""
+    _check_dropout(dropout_p)
+    M, K, r = _check_rank_operands("x2d", x2d, lora_A)
+    if x2d.shape[1] != K:
+        raise ValueError(f"x2d has {x2d.shape[1]} features, lora_A {K}")
+    xa = torch.empty((M, r), dtype=torch.float32, device=x2d.device)
+    if M == 0:
+        return xa
+    flags = _launch_flags(x2d)
+    block_r = _block_r(r)
+    block_m, block_k = (16, 64) if _INTERPRETING else (32, 64)
+    _lora_xa_kernel[(triton.cdiv(M, block_m), triton.cdiv(r, block_r))](
+        x2d.contiguous(), lora_A.contiguous(), xa, M, K, r, int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p),
+        DROPOUT=dropout_p > 0, UPCAST_DOT=flags["UPCAST_DOT"], DOT_PRECISION=flags["DOT_PRECISION"],
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, num_stages=4, enable_fp_fusion=False,
+    )
+    return xa
+
+
+def lora_dA_triton(dyb: torch.Tensor, x2d: torch.Tensor, lora_scale: float, dropout_p: float,
+                   seed: int) -> torch.Tensor:
+    """dA = lora_scale · dybᵀ · (keep ⊙ x2d) [r, K] in fp32, dyb = dY · lora_B [M, r] in x2d's dtype,
+    lora_scale = scaling / (1 - p). M is split over programs whose fp32 partial sums torch adds."""
+    _check_dropout(dropout_p)
+    M, K = x2d.shape
+    r = dyb.shape[1]
+    if dyb.shape[0] != M or dyb.dtype != x2d.dtype:
+        raise ValueError(f"dyb must be [{M}, r] {x2d.dtype}, got {tuple(dyb.shape)} {dyb.dtype}")
+    device = x2d.device
+    flags = _launch_flags(x2d)
+    block_r = _block_r(r)
+    block_k, block_m = 64, (16 if _INTERPRETING else 64)
+    tiles = triton.cdiv(r, block_r) * triton.cdiv(K, block_k)
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(_DA_PROGRAMS_PER_SM * _sm_count(device), tiles)))
+    partial = torch.empty((splits, r, K), dtype=torch.float32, device=device)
+    _lora_dA_kernel[(tiles, splits)](
+        dyb.contiguous(), x2d.contiguous(), partial, M, K, r, float(lora_scale), int(seed), float(dropout_p),
+        DROPOUT=dropout_p > 0, UPCAST_DOT=flags["UPCAST_DOT"], DOT_PRECISION=flags["DOT_PRECISION"],
+        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=4, num_stages=3, enable_fp_fusion=False,
+    )
+    return partial.sum(0)
+
+
+def lora_dx_lowrank_triton(dyb: torch.Tensor, lora_A: torch.Tensor, lora_scale: float, dropout_p: float, seed: int,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """keep ⊙ lora_scale · dyb · lora_A [M, K] in dyb's dtype (into `out` when given): the LoRA part of
+    dx, dyb = dY · lora_B, lora_scale = scaling / (1 - p), the keep mask drawn again from `seed`.
+    Accumulated in fp32, rounded once."""
+    _check_dropout(dropout_p)
+    M, K, r = _check_rank_operands("dyb", dyb, lora_A)
+    if dyb.shape[1] != r:
+        raise ValueError(f"dyb has {dyb.shape[1]} columns, lora_A {r} rows")
+    if out is None:
+        out = torch.empty((M, K), dtype=dyb.dtype, device=dyb.device)
+    elif out.shape != (M, K) or out.dtype != dyb.dtype or out.device != dyb.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{M}, {K}] {dyb.dtype} tensor on {dyb.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.numel() == 0:
+        return out
+    flags = _launch_flags(dyb)
+    # memory-bound (one write of dx); the rank loop runs once for r <= 64
+    block_m, block_k = (16, 64) if _INTERPRETING else (64, 128)
+    _lora_dx_lowrank_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+        dyb.contiguous(), lora_A.contiguous(), out, M, K, r, float(lora_scale), int(seed), float(dropout_p),
+        DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(r), num_warps=4, num_stages=2,
+        enable_fp_fusion=False, **flags,
+    )
+    return out
