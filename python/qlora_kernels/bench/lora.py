@@ -1,9 +1,12 @@
 """Fused LoRA linear: ours vs PEFT over nn.Linear, vs PEFT over bitsandbytes Linear4bit (the
-QLoRA stack) and vs a plain bf16 x·Wᵀ without LoRA (the ceiling), on the same device."""
+QLoRA stack) and vs a plain bf16 x·Wᵀ without LoRA (the ceiling), on the same device. On a GPU the
+NF4 rows above 16 tokens also time the fused kernel and dequantize-once + cuBLAS each forced
+(`fused_ms`, `dequant_once_ms`), over a sweep of token counts around the threshold between them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -11,6 +14,11 @@ from torch import nn
 from ..lora import lora_linear
 from ..modules import NF4Linear
 from .case import Case, close_check, step
+
+
+# NF4 rows around the CUDA backend's LORA_DEQUANT_ONCE_MIN_TOKENS (first shape, rank 16), each
+# also timing the fused kernel and dequantize-once forced: the threshold is set from them
+THRESHOLD_TOKENS = (128, 256, 512, 1024, 2048)
 
 
 def _peft_layer(base: nn.Module, rank: int):
@@ -58,10 +66,12 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
             with torch.no_grad():
                 for theirs, ours in zip(_adapter(bnb_layer), _adapter(dense_layer)):
                     theirs.copy_(ours)
-            for m in tokens:
+            sweep = gpu and (out_features, in_features) == shapes[0] and rank == 16
+            for m in sorted(set(tokens) | set(THRESHOLD_TOKENS)) if sweep else tokens:
                 x = torch.randn(m, in_features, device=device, dtype=dtype, requires_grad=True)
                 for backward in ((False,) if m <= 16 else (False, True)):
-                    yield _case("dense", linear.weight, peft_dense, dense_layer, linear.weight, x, backward, gpu)
+                    if m in tokens:
+                        yield _case("dense", linear.weight, peft_dense, dense_layer, linear.weight, x, backward, gpu)
                     yield _case("nf4", nf4, peft_bnb, bnb_layer, linear.weight, x, backward, gpu)
 
 
@@ -75,13 +85,31 @@ def _case(base: str, weight, peft: nn.Module, peft_layer, dense_weight: torch.Te
     ceiling = lambda: x @ dense_weight.t()  # noqa: E731
     grad_of = (x, A, B) if backward else ()
     out_features, in_features = dense_weight.shape
+    also = {"bf16_mm": step(ceiling, grad_of[:1])}
+    if gpu and base == "nf4" and x.shape[0] > 16:
+        also["fused"] = _with_min_tokens(sys.maxsize, step(ours, grad_of))
+        also["dequant_once"] = _with_min_tokens(0, step(ours, grad_of))
     return Case(
         op=f"lora_linear {base} {'fwd+bwd' if backward else 'fwd'}",
         shape=f"m{x.shape[0]} {in_features}->{out_features} r{A.shape[0]}", dtype="bfloat16",
         ours=step(ours, grad_of), baseline=step(theirs, grad_of),
         baseline_name="PEFT over nn.Linear" if base == "dense" else "PEFT over bnb Linear4bit",
         check=close_check(ours, theirs, grad_of, grad_of, atol=1e-2),
-        also={"bf16_mm": step(ceiling, grad_of[:1])},
+        also=also,
         roofline=lambda ms, _: {"roofline": f"{ms['ours'] / ms['bf16_mm']:.2f}x plain bf16 mm time"},
         peak_memory=gpu and backward,
     )
+
+
+def _with_min_tokens(min_tokens: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with the CUDA backend's dequantize-once threshold at `min_tokens`."""
+    from ..backends import cuda as cuda_backend
+
+    def run():
+        saved = cuda_backend.LORA_DEQUANT_ONCE_MIN_TOKENS
+        cuda_backend.LORA_DEQUANT_ONCE_MIN_TOKENS = min_tokens
+        try:
+            return fn()
+        finally:
+            cuda_backend.LORA_DEQUANT_ONCE_MIN_TOKENS = saved
+    return run
