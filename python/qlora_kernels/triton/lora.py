@@ -26,7 +26,9 @@ Numerics: fp32 accumulation everywhere; the output is rounded once, to nearest e
 dtype. Tensor-core dots take operands in the compute dtype, so the rank-r intermediates
 (xa, dY · lora_B) are rounded to it before their dot, as PEFT's own fp16/bf16 path rounds
 them; `scaling` and 1 / (1 - p) multiply the fp32 accumulator. fp32 inputs use IEEE dots
-unless `torch.backends.cuda.matmul.allow_tf32` is set, as torch.matmul does.
+unless TF32 is on for cuBLAS matmuls (`torch.backends.cuda.matmul.fp32_precision`, which
+also reflects the legacy `allow_tf32` and `torch.set_float32_matmul_precision`), as
+torch.matmul does.
 Kernels launch with `enable_fp_fusion=False`, as `nf4_dequant` does. The dequant's products
 are guarded by `_mul_rn` anyway; the flag fixes the epilogue's rounding to one choice across
 Triton 3.6 (fuses by default) and later versions (moving to no fusion, 3.9 warns).
@@ -323,7 +325,9 @@ def _check_dropout(dropout_p: float) -> None:
 
 def _launch_flags(x: torch.Tensor) -> dict:
     if x.dtype == torch.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        # the per-backend setting, not `allow_tf32`: reading that raises once TF32 was set
+        # through fp32_precision (as transformers' TrainingArguments(tf32=True) does)
+        precision = "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
     else:
         precision = None  # Triton's default; the option only concerns fp32 operands
     return dict(
