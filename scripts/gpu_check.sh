@@ -54,7 +54,8 @@ step() {
     fi
     echo "== $name (budget ${seconds} s): $*"
     t0=$SECONDS
-    timeout --kill-after=15 "$seconds" bash -c '"$@"' "$name" "$@" > "$OUTDIR/$log" 2>&1
+    # SIGINT first: pytest still writes its report, finetune removes its checkpoint
+    timeout --signal=INT --kill-after=15 "$seconds" bash -c '"$@"' "$name" "$@" > "$OUTDIR/$log" 2>&1
     rc=$?
     printf '%s\t%d\t%d\t%d\t%s\t\n' "$name" "$rc" $((SECONDS - t0)) "$seconds" "$log" >> "$OUTDIR/steps.tsv"
     echo "   exit $rc after $((SECONDS - t0)) s; tail of $log:"
