@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+# Whole-model tests run on the CPU and, on a CUDA machine (`pytest -m gpu`), on the GPU:
+# bitsandbytes' CUDA kernels against ours
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -50,3 +55,13 @@ def grad_error(grads: dict, exact: dict) -> float:
     """Relative L2 error of a gradient dict against exact ones (the 2x-PyTorch's-own-error tests)."""
     num = sum((grads[n].float() - exact[n].float()).square().sum() for n in exact)
     return float((num / sum(g.float().square().sum() for g in exact.values())).sqrt())
+
+
+def assert_within_twice_stock_error(ours: tuple, stock: tuple, exact: tuple) -> None:
+    """(loss, grads) of the patched and the stock model in bf16 / fp16 against the fp32 stock run
+    `exact`: the patched model's loss and gradient errors are at most twice stock's own (+ 1e-3)."""
+    (loss, grads), (stock_loss, stock_grads), (exact_loss, exact_grads) = ours, stock, exact
+    stock_err, ours_err = (stock_loss.float() - exact_loss.float()).abs(), (loss.float() - exact_loss.float()).abs()
+    assert ours_err <= 2 * stock_err + 1e-3, (ours_err, stock_err)
+    ours_gerr, stock_gerr = grad_error(grads, exact_grads), grad_error(stock_grads, exact_grads)
+    assert ours_gerr <= 2 * stock_gerr + 1e-3, (ours_gerr, stock_gerr)

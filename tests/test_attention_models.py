@@ -1,5 +1,7 @@
 """Patched attention vs stock (SDPA, and eager for Bloom) on small random Llama (GQA), OPT
-and Bloom models: logits, gradients, greedy generation, packed sequences, unpatch."""
+and Bloom models: logits, gradients, greedy generation, packed sequences, unpatch. The model-level
+comparisons also run on a CUDA machine (the `cuda` parameters, `pytest -m gpu`), with the same
+criteria: fp32 ones within summation-order tolerances, bf16 ones by the 2x rule."""
 
 import pytest
 import torch
@@ -7,10 +9,10 @@ from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCau
 
 from qlora_kernels.patching.attention import patch_attention, unpatch_attention
 
-from helpers import grad_error
+from helpers import DEVICES, grad_error
 
 
-def make(family, dtype=torch.float32):
+def make(family, dtype=torch.float32, device="cpu"):
     torch.manual_seed(0)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -21,17 +23,17 @@ def make(family, dtype=torch.float32):
                                          attention_dropout=0.0, max_position_embeddings=128))
     else:
         model = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4))
-    return model.to(dtype)
+    return model.to(device=device, dtype=dtype)
 
 
 FAMILIES = ["llama", "opt", "bloom"]
 
 
-def _inputs():
+def _inputs(device="cpu"):
     ids = torch.randint(3, 128, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, :5] = 0  # left padding
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _loss_and_grads(model, ids, mask):
@@ -46,10 +48,11 @@ def _loss_and_grads(model, ids, mask):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fp32_logits_and_grads_match_stock(family):
-    model = make(family).train()
-    ids, mask = _inputs()
+def test_fp32_logits_and_grads_match_stock(family, device):
+    model = make(family, device=device).train()
+    ids, mask = _inputs(device)
     ref_logits, ref_loss, ref_grads = _loss_and_grads(model, ids, mask)
     assert patch_attention(model)
     logits, loss, grads = _loss_and_grads(model, ids, mask)
@@ -63,12 +66,13 @@ def test_fp32_logits_and_grads_match_stock(family):
     assert torch.equal(logits_back, ref_logits)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_logits_and_grads_within_twice_pytorchs_own_error(family):
-    ids, mask = _inputs()
+def test_bf16_logits_and_grads_within_twice_pytorchs_own_error(family, device):
+    ids, mask = _inputs(device)
     keep = mask.bool()
-    exact_logits, _, exact_grads = _loss_and_grads(make(family, torch.float32).train(), ids, mask)
-    model = make(family, torch.bfloat16).train()
+    exact_logits, _, exact_grads = _loss_and_grads(make(family, torch.float32, device).train(), ids, mask)
+    model = make(family, torch.bfloat16, device).train()
     stock_logits, _, stock_grads = _loss_and_grads(model, ids, mask)
     patch_attention(model)
     logits, _, grads = _loss_and_grads(model, ids, mask)
@@ -79,21 +83,23 @@ def test_bf16_logits_and_grads_within_twice_pytorchs_own_error(family):
     assert ours_gerr <= 2 * stock_gerr + 1e-3, (ours_gerr, stock_gerr)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generate_left_padded_batch_same_tokens(family):
-    model = make(family).eval()
-    ids, mask = _inputs()
+def test_greedy_generate_left_padded_batch_same_tokens(family, device):
+    model = make(family, device=device).eval()
+    ids, mask = _inputs(device)
     kwargs = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
     want = model.generate(ids, **kwargs)
     patch_attention(model)
     assert torch.equal(model.generate(ids, **kwargs), want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_packed_batch_gives_the_same_loss_as_unpacked(family):
-    model = make(family).train()
+def test_packed_batch_gives_the_same_loss_as_unpacked(family, device):
+    model = make(family, device=device).train()
     lengths = [5, 11, 8]
-    seqs = [torch.randint(3, 128, (n,)) for n in lengths]
+    seqs = [torch.randint(3, 128, (n,)).to(device) for n in lengths]
     patch_attention(model)
     # unpacked: one forward per sequence, token-weighted mean of the per-sequence losses
     total, count = 0.0, 0
@@ -102,7 +108,7 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(family):
         total += out.loss * (len(s) - 1)
         count += len(s) - 1
     packed_ids = torch.cat(seqs)[None]
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
     labels = torch.cat([torch.cat([s[:1].new_full((1,), -100), s[1:]]) for s in seqs])[None]
     # labels are shifted inside the model: mask each sequence's first token as a target
     out = model(packed_ids, position_ids=position_ids, labels=labels)
