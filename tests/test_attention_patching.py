@@ -1,21 +1,41 @@
 """Patched attention beyond stock-vs-patched logits: Bloom's ALiBi slopes computed here (the
-oldest supported transformers has no `_get_alibi_slopes`), and no device reads in Bloom's layers."""
+oldest supported transformers has no `_get_alibi_slopes`), packed sequences under
+torch.compile, and device reads once per batch instead of once per layer."""
 
 import sys
 from collections import Counter
 
 import pytest
 import torch
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.bloom import modeling_bloom
 
-from qlora_kernels.patching.attention import alibi_slopes, patch_attention
+from qlora_kernels.patching.attention import alibi_slopes, cu_seqlens_from_position_ids, patch_attention
+
+
+def _llama(layers=2):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128)).eval()
 
 
 def _bloom(n_head, layers=2):
     torch.manual_seed(0)
     return BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=8 * n_head, n_layer=layers,
                                         n_head=n_head)).eval()
+
+
+def _documents(lengths):
+    torch.manual_seed(1)
+    seqs = [torch.randint(3, 128, (n,)) for n in lengths]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    return seqs, torch.cat(seqs)[None], position_ids
+
+
+def _per_document_logits(model, seqs):
+    with torch.no_grad():
+        return torch.cat([model(s[None]).logits[0] for s in seqs])
 
 
 # --- Bloom's ALiBi slopes ---------------------------------------------------------------
@@ -60,6 +80,87 @@ def test_patched_bloom_attention_runs_without_transformers_alibi_slopes(monkeypa
         torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
 
 
+# --- packed sequences ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("positions, offsets", [
+    ([0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 3, 5, 9]),
+    ([0, 1, 2, 3], [0, 4]),
+    ([4, 5, 0, 1, 2, 0], [0, 2, 5, 6]),  # a batch may start mid-document
+])
+def test_cu_seqlens_from_position_ids(positions, offsets):
+    position_ids = torch.tensor([positions])
+    assert cu_seqlens_from_position_ids(position_ids).tolist() == offsets
+    torch.library.opcheck(cu_seqlens_from_position_ids, (position_ids,))
+
+
+def test_packed_batch_starting_mid_document_matches_stock_per_document():
+    model = _llama()
+    seqs, ids, _ = _documents([4, 7, 5])
+    position_ids = torch.cat([torch.arange(3, 7), torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        want = torch.cat([model(seqs[0][None], position_ids=position_ids[:, :4]).logits[0],
+                          _per_document_logits(model, seqs[1:])])
+        patch_attention(model)
+        got = model(ids, position_ids=position_ids).logits[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+# --- packed sequences under torch.compile -------------------------------------------------
+
+def test_packed_sequences_under_compile_attend_within_their_document():
+    model = _llama()
+    seqs, ids, position_ids = _documents([5, 11, 8])
+    want = _per_document_logits(model, seqs)
+    patch_attention(model)
+
+    def logits(ids, position_ids):
+        return model(ids, position_ids=position_ids).logits[0]
+
+    with torch.no_grad():
+        eager = logits(ids, position_ids)
+        compiled = torch.compile(logits, fullgraph=True, backend="aot_eager")(ids, position_ids)
+    torch.testing.assert_close(eager, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(compiled, want, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_sequences_under_compile_gradients_match_eager():
+    model = _llama().train()
+    _, ids, position_ids = _documents([7, 4, 9])
+    patch_attention(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss(ids, position_ids):
+        return model(ids, position_ids=position_ids, labels=ids).loss
+
+    want = loss(ids, position_ids)
+    want_grads = torch.autograd.grad(want, params)
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(ids, position_ids)
+    grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("max_length", [11, None])
+def test_collator_cu_seq_lens_are_honoured_under_compile(max_length):
+    # DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives offsets and no restart
+    # in position_ids here: RoPE is relative, so only the offsets keep documents apart
+    model = _llama()
+    seqs, ids, _ = _documents([5, 11, 8])
+    want = _per_document_logits(model, seqs)
+    patch_attention(model)
+    cu = torch.tensor([0, 5, 16, 24], dtype=torch.int32)
+
+    def logits(ids, cu):
+        return model(ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_length,
+                     max_length_k=max_length).logits[0]
+
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ids, cu), want, atol=2e-5, rtol=1e-4)
+        compiled = torch.compile(logits, fullgraph=True, backend="aot_eager")(ids, cu)
+    torch.testing.assert_close(compiled, want, atol=2e-5, rtol=1e-4)
+
+
 # --- device reads once per batch ----------------------------------------------------------
 
 _HOST_READS = [(torch, "nonzero"), (torch.Tensor, "nonzero"), (torch.Tensor, "item"), (torch.Tensor, "tolist"),
@@ -83,6 +184,51 @@ def host_reads(monkeypatch):
     for owner, name in _HOST_READS:
         monkeypatch.setattr(owner, name, counting(owner, name, getattr(owner, name)))
     return counts
+
+
+def test_packing_is_read_from_the_device_once_per_batch(host_reads):
+    model = _llama(layers=4)
+    seqs, ids, position_ids = _documents([5, 11, 8])
+    want = _per_document_logits(model, seqs)
+    patch_attention(model)
+    host_reads.clear()
+    with torch.no_grad():
+        got = model(ids, position_ids=position_ids).logits[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert host_reads and max(host_reads.values()) == 1, host_reads
+    # the same tensor updated in place is another batch
+    seqs, ids, new_positions = _documents([9, 6, 9])
+    position_ids.copy_(new_positions)
+    want = _per_document_logits(model, seqs)
+    host_reads.clear()
+    with torch.no_grad():
+        got = model(ids, position_ids=position_ids).logits[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert max(host_reads.values()) == 1, host_reads
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_packing_under_compile_is_read_once_per_forward(monkeypatch, train):
+    from qlora_kernels.patching import attention
+
+    model = _llama(layers=4).train(train)
+    _, ids, position_ids = _documents([5, 11, 8])
+    patch_attention(model)
+    reads = []
+    offsets = attention._offsets_from_position_ids
+    monkeypatch.setattr(attention, "_offsets_from_position_ids", lambda p: reads.append(p) or offsets(p))
+
+    def loss(ids, position_ids):
+        return model(ids, position_ids=position_ids, labels=ids).loss
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    with torch.set_grad_enabled(train):
+        for _ in range(2):  # a new position_ids tensor each batch
+            reads.clear()
+            out = compiled(ids, position_ids.clone())
+            if train:
+                out.backward()
+            assert len(reads) == 1
 
 
 def test_bloom_reads_nothing_from_the_device(host_reads):
