@@ -178,6 +178,18 @@ def test_triton_lora_launches_on_the_inputs_device(M, current_device, monkeypatc
     assert seen == [[torch.device("cuda:1")]] * 2
 
 
+def test_lora_dropout_refuses_a_capturing_stream(current_device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(triton_lora, "lora_forward_triton", lambda *args: ("y", "xa"))
+    x, w, A, B = _on_cuda1((4, 64), (32, 64), (8, 64), (32, 8))
+    dense = (w, None, None, None, None, None, 0, 0)
+    with pytest.raises(RuntimeError, match=r"dropout \(dropout_p=0.1\) cannot be captured in a CUDA graph"):
+        glue.triton_lora_linear_fwd(x, *dense, 32, None, A, B, 1.0, 0.1, torch.tensor([3]))
+    # without dropout nothing is drawn on the host: capture is fine
+    assert glue.triton_lora_linear_fwd(x, *dense, 32, None, A, B, 1.0, 0.0, torch.tensor([0])) == ("y", "xa")
+
+
 def test_triton_dequantize_launches_on_the_inputs_device(current_device, monkeypatch):
     seen = []
     monkeypatch.setattr(glue, "nf4_dequantize_into", _recording(seen, current_device, "out"))

@@ -192,6 +192,12 @@ def _dequant_once_applies(x) -> bool:
 @cuda_kernel(lora_ops.lora_linear_fwd, "CUDA GEMV (M <= 16), Triton fused, dequantize-once + cuBLAS (large M)")
 def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                            nested_blocksize, out_features, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    if dropout_p > 0 and x.is_cuda and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        # `seed` was drawn on the host before this launch: a captured graph would replay one mask.
+        # lora_linear refuses first; this also covers a graph captured around the op itself
+        # (torch.compile's CUDA graphs, a direct op call).
+        raise RuntimeError(f"lora_linear_fwd: dropout (dropout_p={dropout_p}) cannot be captured in a CUDA graph: "
+                           "every replay would reuse the dropout mask of the seed drawn at capture")
     state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                        out_features, x.shape[1], x.dtype)
     if _gemv_applies(x, state, dropout_p):
