@@ -35,8 +35,8 @@ def gate(env_path: Path, archs: str) -> str | None:
     if not env.get("native_module"):
         reasons.append(f"the native module _C does not import: {env.get('native_error')}")
     elif not env.get("cuda_kernels_compiled"):
-        reasons.append("the native module was built without its CUDA kernels (no CUDA compiler found: nvcc is "
-                       "needed)")
+        reasons.append("the native module was built without its CUDA kernels (nvcc was not found, or "
+                       "QLORA_KERNELS_CUDA=0)")
     else:
         built = set(env.get("cuda_archs", "").split(","))
         missing = [a for a in archs.split(";") if a and a not in built]
