@@ -61,40 +61,105 @@ _INTERPRETING = _interpreting()
 _MAX_RANK = 256
 # split-M partial sums for dA until about this many programs per SM are running
 _DA_PROGRAMS_PER_SM = 2
-# Tiles for H100/H200, (BLOCK_M, output BLOCK_N or BLOCK_K, reduction BLOCK_K or BLOCK_N,
-# num_stages, num_warps). W tiles span at most 64 along K so that with blocksize >= 64 (QLoRA
+# Tiles (BLOCK_M, output BLOCK_N or BLOCK_K, reduction BLOCK_K or BLOCK_N, num_stages,
+# num_warps), keyed by the dots' input precision: None for fp16/bf16 operands, "tf32" and
+# "ieee" for fp32 ones. W tiles span at most 64 along K so that with blocksize >= 64 (QLoRA
 # uses 64) and K a multiple of it, each W row of a tile has one absmax: one absmax load per
-# row instead of per element. With one absmax per element (blocksize 32, or K not a multiple
-# of the blocksize) the pipeliner stages every gathered operand in shared memory and the
-# larger tiles need more than an H100 has (up to 376 KB, compiled for sm_90); the autotuner
-# skips those (OutOfResources) and at least one tile per kernel fits in every case.
-_FORWARD_TILES = (
-    (128, 128, 64, 3, 8),
-    (128, 128, 32, 4, 8),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-)
+# row instead of per element. With one absmax per element (a blocksize below the tile's K
+# extent, or K not a multiple of the blocksize) the pipeliner stages every gathered operand
+# in shared memory, up to 2.3 times the bytes, so which tiles fit the device depends on the
+# compiled variant: `_fitting_configs` keeps those that do, and each table has one that fits
+# sm_86's 101,376 bytes in every variant. No entry spills registers on sm_80 or sm_90
+# wherever it fits, under Triton 3.6 and 3.9 (scripts/triton_static_report.py;
+# tests/test_triton_compile.py checks all of this). The fused kernels serve fewer tokens than
+# the dequantize-once path's threshold, hence mostly 64-row tiles; 8 warps, as 4-warp tiles
+# of these sizes spill on sm_80. TF32 operands take twice the shared memory of fp16. IEEE
+# fp32 dots run on FMA units and hold whole K slices of both operands in registers: narrow
+# reduction steps, else they spill.
+_FORWARD_TILES = {
+    None: (
+        (64, 128, 32, 4, 8),
+        (128, 64, 32, 3, 8),
+        (64, 64, 64, 3, 8),
+        (64, 64, 32, 3, 8),
+    ),
+    "tf32": (
+        (128, 64, 32, 3, 8),
+        (64, 64, 32, 3, 8),
+        (32, 64, 32, 3, 4),
+    ),
+    "ieee": (
+        (64, 32, 16, 2, 8),
+        (32, 32, 16, 2, 8),
+    ),
+}
 # dx tiles are [BLOCK_M, BLOCK_K] with W's K extent = BLOCK_K, hence narrower outputs
-_DX_TILES = (
-    (128, 64, 128, 3, 8),
-    (128, 64, 64, 4, 4),
-    (64, 64, 128, 4, 4),
-    (64, 64, 64, 4, 4),
-)
+_DX_TILES = {
+    None: (
+        (128, 64, 64, 3, 8),
+        (64, 64, 128, 2, 8),
+        (128, 64, 32, 3, 8),
+        (64, 64, 32, 3, 8),
+    ),
+    "tf32": (
+        (128, 64, 32, 3, 8),
+        (64, 64, 64, 3, 8),
+        (64, 64, 32, 3, 8),
+        (32, 64, 32, 3, 4),
+    ),
+    "ieee": (
+        (64, 32, 16, 2, 8),
+        (32, 32, 16, 2, 8),
+    ),
+}
 _INTERPRETER_TILE = (16, 32, 64, 1, 4)
-# The autotuner adds the tensors' dtypes itself; constexpr flags that change the kernel's
-# cost (dense or NF4, blocksize) must be named
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "r", "W_NF4", "blocksize"]
+# The autotuner adds the tensors' dtypes itself. Every constexpr the launcher derives from
+# its arguments changes the compiled kernel, so each one is named: a key is tuned, and its
+# tiles pruned against shared memory, for exactly one compiled variant.
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "r", "W_NF4", "DOUBLE_QUANT", "blocksize", "nested_blocksize", "DOT_PRECISION"]
 
 
+def _gemm_configs(tiles: dict, out_name: str, reduce_name: str) -> dict[str | None, list[triton.Config]]:
+    """Configs per dot input precision."""
+    def config(bm, out, red, stages, warps):
+        return triton.Config({"BLOCK_M": bm, out_name: out, reduce_name: red}, num_stages=stages, num_warps=warps)
 
-def _gemm_configs(tiles, out_name: str, reduce_name: str) -> list[triton.Config]:
-    tiles = (_INTERPRETER_TILE,) if _INTERPRETING else tiles
-    return [
-        triton.Config({"BLOCK_M": bm, out_name: out, reduce_name: red}, num_stages=stages, num_warps=warps)
-        for bm, out, red, stages, warps in tiles
-    ]
+    if _INTERPRETING:
+        # one small tile: with a single config the autotuner neither prunes nor benchmarks
+        return {"interpreter": [config(*_INTERPRETER_TILE)]}
+    return {precision: [config(*tile) for tile in precision_tiles] for precision, precision_tiles in tiles.items()}
+
+
+def _every_config(configs: dict) -> list[triton.Config]:
+    return [config for precision_configs in configs.values() for config in precision_configs]
+
+
+_FORWARD_CONFIGS = _gemm_configs(_FORWARD_TILES, "BLOCK_N", "BLOCK_K")
+_DX_CONFIGS = _gemm_configs(_DX_TILES, "BLOCK_K", "BLOCK_N")
+
+
+def _fitting_configs(kernel, configs: dict, named_args: dict, kwargs: dict) -> list[triton.Config]:
+    """`early_config_prune`: the configs of this launch's dot precision that fit the device's
+    shared memory, per compiled variant (the autotuner key names every constexpr).
+
+    The shared memory a tile needs depends on the variant (the absmax gathers above), so each
+    candidate is compiled and its size read from the compiled kernel, the number Triton
+    compares with the device's limit at launch. This costs nothing: the autotuner compiles
+    every candidate anyway, and the benchmark then finds each in the kernel's cache.
+    """
+    launch = {name: value for name, value in kwargs.items() if name not in ("grid", "warmup")}
+    active = triton.runtime.driver.active
+    limit = active.utils.get_device_properties(active.get_current_device())["max_shared_mem"]
+    fits = []
+    for config in configs[launch["DOT_PRECISION"]]:
+        compiled = kernel.fn.warmup(grid=(1,), **named_args, **launch, **config.all_kwargs())
+        if compiled.metadata.shared <= limit:
+            fits.append(config)
+    if not fits:
+        flags = {name: launch[name] for name in ("W_NF4", "blocksize", "K_ALIGNED", "DOUBLE_QUANT", "DOT_PRECISION")}
+        raise RuntimeError(f"{kernel.fn.__name__}: no tile fits the device's {limit} bytes of shared memory "
+                           f"for {flags}")
+    return fits
 
 
 @triton.jit
@@ -179,7 +244,9 @@ def _lora_xa_kernel(x_ptr, lora_A_ptr, xa_ptr, M, K, r, seed, dropout_p, dropout
              mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
 
 
-@triton.autotune(configs=_gemm_configs(_FORWARD_TILES, "BLOCK_N", "BLOCK_K"), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_every_config(_FORWARD_CONFIGS), key=_AUTOTUNE_KEY + ["HAS_BIAS"], prune_configs_by={
+    "early_config_prune": lambda configs, named_args, **kwargs: _fitting_configs(
+        _lora_forward_kernel, _FORWARD_CONFIGS, named_args, kwargs)})
 @triton.jit
 def _lora_forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                          code_ptr, bias_ptr, xa_ptr, lora_B_ptr, y_ptr, M, N, K, r, scaling, M_BUCKET,
@@ -224,7 +291,9 @@ def _lora_forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr
              mask=m_ok & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_gemm_configs(_DX_TILES, "BLOCK_K", "BLOCK_N"), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_every_config(_DX_CONFIGS), key=_AUTOTUNE_KEY + ["DROPOUT"], prune_configs_by={
+    "early_config_prune": lambda configs, named_args, **kwargs: _fitting_configs(
+        _lora_dx_kernel, _DX_CONFIGS, named_args, kwargs)})
 @triton.jit
 def _lora_dx_kernel(dy_ptr, w_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
                     dyb_ptr, lora_A_ptr, dx_ptr, M, N, K, r, lora_scale, seed, dropout_p, M_BUCKET,
@@ -565,7 +634,8 @@ def lora_xa_triton(x2d: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, se
         return xa
     flags = _launch_flags(x2d)
     block_r = _block_r(r)
-    block_m, block_k = (16, 64) if _INTERPRETING else (32, 64)
+    # fp32 dots hold whole K slices in registers: a narrower K step keeps them from spilling
+    block_m, block_k = (16, 64) if _INTERPRETING else (32, 16 if x2d.dtype == torch.float32 else 64)
     _lora_xa_kernel[(triton.cdiv(M, block_m), triton.cdiv(r, block_r))](
         x2d.contiguous(), lora_A.contiguous(), xa, M, K, r, int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p),
         DROPOUT=dropout_p > 0, UPCAST_DOT=flags["UPCAST_DOT"], DOT_PRECISION=flags["DOT_PRECISION"],
@@ -586,14 +656,16 @@ def lora_dA_triton(dyb: torch.Tensor, x2d: torch.Tensor, lora_scale: float, drop
     device = x2d.device
     flags = _launch_flags(x2d)
     block_r = _block_r(r)
-    block_k, block_m = 64, (16 if _INTERPRETING else 64)
+    # fp32: half the M step (the dot's K), else IEEE dots spill on sm_80
+    block_k, block_m = 64, (16 if _INTERPRETING else 32 if x2d.dtype == torch.float32 else 64)
     tiles = triton.cdiv(r, block_r) * triton.cdiv(K, block_k)
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(_DA_PROGRAMS_PER_SM * _sm_count(device), tiles)))
     partial = torch.empty((splits, r, K), dtype=torch.float32, device=device)
     _lora_dA_kernel[(tiles, splits)](
         dyb.contiguous(), x2d.contiguous(), partial, M, K, r, float(lora_scale), int(seed), float(dropout_p),
         DROPOUT=dropout_p > 0, UPCAST_DOT=flags["UPCAST_DOT"], DOT_PRECISION=flags["DOT_PRECISION"],
-        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=4, num_stages=3, enable_fp_fusion=False,
+        # 3 stages spill a few bytes at BLOCK_R 32 on sm_90
+        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=4, num_stages=4, enable_fp_fusion=False,
     )
     return partial.sum(0)
 
@@ -615,8 +687,9 @@ def lora_dx_lowrank_triton(dyb: torch.Tensor, lora_A: torch.Tensor, lora_scale: 
     if out.numel() == 0:
         return out
     flags = _launch_flags(dyb)
-    # memory-bound (one write of dx); the rank loop runs once for r <= 64
-    block_m, block_k = (16, 64) if _INTERPRETING else (64, 128)
+    # memory-bound (one write of dx); the rank loop runs once for r <= 64. fp32 dots hold whole
+    # rank slices in registers: smaller tiles, else they spill on sm_80
+    block_m, block_k = (16, 64) if _INTERPRETING else (32, 64) if dyb.dtype == torch.float32 else (64, 128)
     _lora_dx_lowrank_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
         dyb.contiguous(), lora_A.contiguous(), out, M, K, r, float(lora_scale), int(seed), float(dropout_p),
         DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(r), num_warps=4, num_stages=2,
