@@ -65,21 +65,26 @@ class _Config(NamedTuple):
     num_stages: int
 
 
-# Hand-picked for H100 with fp16/bf16, keyed by kernel and BLOCK_D. Not timed on hardware:
-# each entry is about the largest tile that compiles for sm_90 (ptxas, Triton 3.6 and 3.9),
-# with and without ALiBi / key padding, inside shared memory and without register spills
-# (dK/dV at BLOCK_D 64 spills a few bytes under 3.6).
+# fp16/bf16, keyed by kernel and BLOCK_D. Not timed on hardware: each entry compiles for
+# sm_80 and sm_90 (Triton 3.6 and 3.9) inside shared memory and without register spills, with
+# and without ALiBi / key padding / GQA (scripts/triton_static_report.py, checked by
+# tests/test_triton_compile.py). sm_80's tensor-core dots need more registers than sm_90's,
+# which is what bounds most entries.
 # dK/dV keeps K, V and two fp32 accumulators of BLOCK_N x BLOCK_D per program, so it takes
 # narrow query steps; a wide key block still cuts the Q / dO traffic per key. dQ is the
 # mirror image: a wide query block and narrow key steps.
 _CONFIGS = {
-    "fwd": {64: _Config(128, 64, 8, 3), 128: _Config(128, 64, 8, 3), 256: _Config(64, 64, 8, 2)},
-    "dkdv": {64: _Config(32, 128, 8, 3), 128: _Config(16, 128, 8, 3), 256: _Config(32, 32, 8, 2)},
-    "dq": {64: _Config(128, 64, 8, 3), 128: _Config(128, 32, 8, 3), 256: _Config(64, 32, 8, 2)},
+    "fwd": {64: _Config(128, 64, 8, 3), 128: _Config(128, 32, 8, 3), 256: _Config(64, 32, 8, 2)},
+    "dkdv": {64: _Config(32, 32, 8, 3), 128: _Config(16, 64, 8, 3), 256: _Config(32, 32, 8, 1)},
+    "dq": {64: _Config(128, 32, 8, 3), 128: _Config(64, 32, 8, 3), 256: _Config(64, 32, 8, 2)},
 }
-# fp32 runs IEEE dots on FMA units, whose operands live in registers: small tiles for every
-# head dim (a correctness path, not a fast one).
-_FP32_CONFIGS = {"fwd": _Config(32, 32, 8, 2), "dkdv": _Config(32, 32, 8, 2), "dq": _Config(32, 16, 4, 2)}
+# fp32 runs IEEE dots on FMA units, whose operands live in registers: small tiles, smaller
+# as the head dim grows (a correctness path, not a fast one); checked as above.
+_FP32_CONFIGS = {
+    "fwd": {64: _Config(32, 32, 8, 2), 128: _Config(32, 16, 8, 2), 256: _Config(32, 16, 8, 2)},
+    "dkdv": {64: _Config(16, 32, 8, 2), 128: _Config(16, 16, 8, 2), 256: _Config(16, 16, 8, 1)},
+    "dq": {64: _Config(32, 16, 4, 2), 128: _Config(16, 16, 4, 2), 256: _Config(16, 16, 8, 2)},
+}
 # The interpreter runs tiles as numpy arrays: small tiles keep tests fast, and the
 # uneven BLOCK_M / BLOCK_N mirror the GPU tables so the stage boundaries get exercised.
 _INTERPRETER_CONFIGS = {"fwd": _Config(32, 16, 1, 1), "dkdv": _Config(16, 32, 1, 1), "dq": _Config(32, 16, 1, 1)}
@@ -446,9 +451,8 @@ def _interpreting() -> bool:
 def _config(kind: str, block_d: int, dtype: torch.dtype) -> _Config:
     if _interpreting():
         return _INTERPRETER_CONFIGS[kind]
-    if dtype == torch.float32:
-        return _FP32_CONFIGS[kind]
-    return _CONFIGS[kind][max(64, block_d)]
+    table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
+    return table[kind][max(64, block_d)]
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
