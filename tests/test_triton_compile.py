@@ -1,6 +1,18 @@
-"""The launch options the Triton kernels get."""
+"""The Triton kernels as a GPU compiles them, and the launch options they get.
 
+The static check compiles every kernel for sm_90 and sm_80 without a GPU through
+`scripts/triton_static_report.py` (see its docstring for how, and for the specializations),
+in a subprocess: conftest sets TRITON_INTERPRET for this process, and `triton.jit` reads it
+when a kernel is defined. Its rows give each (target, specialization, kernel, config) the
+registers, local memory (spills) and shared memory ptxas settled on.
+"""
+
+import json
 import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +21,76 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qlora_kernels.triton import lora  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "triton_static_report.py"
+
+
+@pytest.fixture(scope="module")
+def static_report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("triton_static") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(path)], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # the table, for `pytest -s`
+    print(proc.stdout)
+    return json.loads(path.read_text())
+
+
+def _describe(rows):
+    return "\n".join(f"sm_{r['arch']} {r['case']} {r['kernel']} [{r['config']}]: {r['regs']} registers, "
+                     f"{r['local']} B local, {r['shared']} B shared" for r in rows)
+
+
+def test_every_kernel_is_compiled(static_report):
+    assert static_report["rows"]
+    assert static_report["kernels_not_compiled"] == [], "add a case that launches them to the script"
+
+
+def test_every_specialization_has_a_config_that_fits(static_report):
+    # the limits are the devices' opt-in maximum per block (sm_90 232,448 B, sm_80 166,912 B)
+    groups = defaultdict(list)
+    for row in static_report["rows"]:
+        groups[row["arch"], row["case"], row["kernel"]].append(row)
+    none_fits = [rows for rows in groups.values() if not any(r["fits"] for r in rows)]
+    assert not none_fits, _describe(row for rows in none_fits for row in rows)
+
+
+def test_autotuner_keeps_exactly_the_configs_that_fit(static_report):
+    tuned = [r for r in static_report["rows"] if r["kept"] is not None]
+    assert tuned
+    wrong = [r for r in tuned if r["kept"] != r["fits"]]
+    assert not wrong, _describe(wrong)
+
+
+def test_lora_tiles_also_fit_consumer_ampere(static_report):
+    # sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4) compile like sm_80 with 101,376 B per block:
+    # each autotuned specialization keeps a config there, and exactly those that fit
+    groups = defaultdict(list)
+    for row in static_report["rows"]:
+        if row["kept_sm86"] is not None:
+            groups[row["case"], row["kernel"]].append(row)
+    assert groups
+    none_fits = [rows for rows in groups.values() if not any(r["shared"] <= 101376 for r in rows)]
+    assert not none_fits, _describe(row for rows in none_fits for row in rows)
+    wrong = [r for rows in groups.values() for r in rows if r["kept_sm86"] != (r["shared"] <= 101376)]
+    assert not wrong, _describe(wrong)
+
+
+def test_autotuner_refuses_clearly_when_no_config_fits(static_report):
+    # pruned against a device with no shared memory at all: an error that says why, before
+    # any launch, instead of Triton's OutOfResources from inside the benchmark
+    tuned = [r for r in static_report["rows"] if r["kept"] is not None]
+    unclear = [r for r in tuned if "no tile fits the device's 0 bytes of shared memory" not in (r["no_fit_error"] or "")]
+    assert not unclear, _describe(unclear)
+
+
+def test_no_reachable_variant_spills(static_report):
+    # reachable: launched as is, or a config the autotuner keeps. bf16/fp16 and fp32 (IEEE and
+    # TF32 dots) alike; local memory in a Triton kernel is spilled registers
+    reachable = [r for r in static_report["rows"] if r["kept"] is not False]
+    spilling = [r for r in reachable if r["local"]]
+    assert not spilling, _describe(spilling)
 
 
 @pytest.fixture
