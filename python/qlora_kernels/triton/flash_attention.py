@@ -66,17 +66,17 @@ class _Config(NamedTuple):
 
 
 # fp16/bf16, keyed by kernel and BLOCK_D. Not timed on hardware: each entry compiles for
-# sm_80 and sm_90 (Triton 3.6 and 3.9) inside shared memory and without register spills, with
-# and without ALiBi / key padding / GQA (scripts/triton_static_report.py, checked by
-# tests/test_triton_compile.py). sm_80's tensor-core dots need more registers than sm_90's,
-# which is what bounds most entries.
+# sm_80 and sm_90 (Triton 3.6 and 3.9) without register spills and inside sm_86's 101,376
+# bytes of shared memory, with and without ALiBi / key padding / GQA
+# (scripts/triton_static_report.py, checked by tests/test_triton_compile.py). sm_80's
+# tensor-core dots need more registers than sm_90's, which is what bounds most entries.
 # dK/dV keeps K, V and two fp32 accumulators of BLOCK_N x BLOCK_D per program, so it takes
 # narrow query steps; a wide key block still cuts the Q / dO traffic per key. dQ is the
 # mirror image: a wide query block and narrow key steps.
 _CONFIGS = {
     "fwd": {64: _Config(128, 64, 8, 3), 128: _Config(128, 32, 8, 3), 256: _Config(64, 32, 8, 2)},
     "dkdv": {64: _Config(32, 32, 8, 3), 128: _Config(16, 64, 8, 3), 256: _Config(32, 32, 8, 1)},
-    "dq": {64: _Config(128, 32, 8, 3), 128: _Config(64, 32, 8, 3), 256: _Config(64, 32, 8, 2)},
+    "dq": {64: _Config(128, 32, 8, 3), 128: _Config(64, 32, 8, 3), 256: _Config(64, 16, 8, 2)},
 }
 # fp32 runs IEEE dots on FMA units, whose operands live in registers: small tiles, smaller
 # as the head dim grows (a correctness path, not a fast one); checked as above.
