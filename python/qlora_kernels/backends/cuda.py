@@ -185,7 +185,8 @@ def _gemv_applies(x, state, dropout_p) -> bool:
 
 
 def _dequant_once_applies(x) -> bool:
-    # fp32 always: the fused kernels' fp32 configs spill (they are a correctness path, not a fast one)
+    # fp32 always: the fused kernels' IEEE fp32 dots run on FMA units with narrow tiles (a correctness
+    # path, not a fast one), where cuBLAS honours the TF32 setting and runs at full speed
     return x.dtype == torch.float32 or x.shape[0] >= LORA_DEQUANT_ONCE_MIN_TOKENS
 
 
