@@ -65,3 +65,29 @@ def assert_within_twice_stock_error(ours: tuple, stock: tuple, exact: tuple) -> 
     assert ours_err <= 2 * stock_err + 1e-3, (ours_err, stock_err)
     ours_gerr, stock_gerr = grad_error(grads, exact_grads), grad_error(stock_grads, exact_grads)
     assert ours_gerr <= 2 * stock_gerr + 1e-3, (ours_gerr, stock_gerr)
+
+
+def lora_inputs(M, N, K, r, dtype, has_bias, device, seed=0):
+    """A LoRA linear's x, frozen W (fp32), bias, lora_A, lora_B and dy, drawn on the CPU from
+    `seed` (the same values on every device), then moved to `device`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(device)
+
+    return dict(
+        x=randn(M, K).to(dtype),
+        w=randn(N, K, scale=K**-0.5),
+        bias=randn(N, scale=0.1).to(dtype) if has_bias else None,
+        lora_A=randn(r, K, scale=K**-0.5).to(dtype),
+        # PEFT starts lora_B at zero; non-zero so that every gradient path is exercised
+        lora_B=randn(N, r, scale=0.5).to(dtype),
+        dy=randn(M, N).to(dtype),
+    )
+
+
+def peft_like_lora(x, w, bias, lora_A, lora_B, scaling, keep, p):
+    """The LoRA layer as PEFT runs it in x's dtype: each matmul's result rounded to the dtype."""
+    base = torch.nn.functional.linear(x, w, bias)
+    dropped = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
+    return base + (dropped @ lora_A.t()) @ lora_B.t() * scaling

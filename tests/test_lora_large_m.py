@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import lora_inputs, peft_like_lora  # noqa: E402
 from qlora_kernels import reference  # noqa: E402
 from qlora_kernels.backends import cuda as glue  # noqa: E402
 from qlora_kernels.backends import lora_dequant_mm as dm  # noqa: E402
@@ -49,33 +50,10 @@ def _weight_args(weight_kind, w, dtype, blocksize):
     if weight_kind == "dense":
         w = w.to(DEVICE, dtype)
         return (w, None, None, None, None, None, 0, 0), w
-    args = _quantize(w, blocksize, weight_kind == "nf4_dq")
+    args = _quantize(w.cpu(), blocksize, weight_kind == "nf4_dq")
     _, packed, absmax, nested_absmax, code, offset, bs, nbs = args
     N, K = w.shape
     return args, reference.nf4_dequantize(packed, absmax, bs, (N, K), dtype, nested_absmax, code, offset, nbs)
-
-
-def _inputs(M, N, K, r, dtype, has_bias, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(shape, generator=g) * scale).to(DEVICE)
-
-    return dict(
-        x=randn(M, K).to(dtype),
-        w=randn(N, K, scale=K**-0.5).cpu(),
-        bias=randn(N, scale=0.1).to(dtype) if has_bias else None,
-        lora_A=randn(r, K, scale=K**-0.5).to(dtype),
-        lora_B=randn(N, r, scale=0.5).to(dtype),  # non-zero: every gradient path is exercised
-        dy=randn(M, N).to(dtype),
-    )
-
-
-def _peft_like(x, w, bias, lora_A, lora_B, scaling, keep, p):
-    """The layer as PEFT runs it in x's dtype: each matmul's result rounded to the dtype."""
-    base = torch.nn.functional.linear(x, w, bias)
-    dropped = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
-    return base + (dropped @ lora_A.t()) @ lora_B.t() * scaling
 
 
 def _autograd(fn, dtype, inp, w, scaling, keep, p):
@@ -121,14 +99,14 @@ def paths(monkeypatch):
 def _check(M, N, K, r, dtype, weight_kind, has_bias, p, scaling, monkeypatch, blocksize=64, min_tokens=8):
     """The CUDA backend's results against the fp64 reference, with the threshold at min_tokens."""
     monkeypatch.setattr(glue, "LORA_DEQUANT_ONCE_MIN_TOKENS", min_tokens)
-    inp = _inputs(M, N, K, r, dtype, has_bias, seed=M + N + K + r)
+    inp = lora_inputs(M, N, K, r, dtype, has_bias, DEVICE, seed=M + N + K + r)
     args, w_ref = _weight_args(weight_kind, inp["w"], dtype, blocksize)
     got, xa = _op(inp, args, N, scaling, p)
     keep = triton_lora.lora_dropout_keep(SEED, p, M, K, DEVICE) if p > 0 else None
     assert xa.dtype == torch.float32 and xa.shape == (M, r)
 
     want = _autograd(lora_linear, torch.float64, inp, w_ref, scaling, keep, p)
-    low = _autograd(_peft_like, dtype, inp, w_ref, scaling, keep, p) if dtype != torch.float32 else want
+    low = _autograd(peft_like_lora, dtype, inp, w_ref, scaling, keep, p) if dtype != torch.float32 else want
     for name, g, w, base in zip(("y", "dx", "dA", "dB", "dbias"), got, want, low):
         if w is None:  # no bias: dbias is returned but unused
             continue
@@ -188,7 +166,7 @@ def test_same_dropout_mask_and_results_as_the_fused_path(weight_kind):
     # the two paths draw the mask from the seed each; a different draw would move y, dx and dA
     # by O(1), far beyond fp32 rounding
     M, N, K, r, p, scaling = 21, 40, 70, 8, 0.4, 1.3
-    inp = _inputs(M, N, K, r, torch.float32, True, seed=3)
+    inp = lora_inputs(M, N, K, r, torch.float32, True, DEVICE, seed=3)
     args, _ = _weight_args(weight_kind, inp["w"], torch.float32, 64)
     state = glue.nf4_weight(*args, N, K, torch.float32)
     weight = args[0]
@@ -240,7 +218,7 @@ def test_forward_and_backward_reuse_one_workspace(monkeypatch):
     monkeypatch.setattr(dm, "_workspaces", {})
     monkeypatch.setattr(glue, "LORA_DEQUANT_ONCE_MIN_TOKENS", 8)
     N, K = 32, 64
-    inp = _inputs(9, N, K, 4, torch.bfloat16, True)
+    inp = lora_inputs(9, N, K, 4, torch.bfloat16, True, DEVICE)
     args, _ = _weight_args("nf4_dq", inp["w"], torch.bfloat16, 64)
     _op(inp, args, N, 1.0, 0.1)
     ws = dm.workspace(DEVICE)
@@ -252,7 +230,7 @@ def test_forward_and_backward_reuse_one_workspace(monkeypatch):
 
 
 def test_rejects_bad_arguments():
-    inp = _inputs(4, 8, 64, 2, torch.float32, False)
+    inp = lora_inputs(4, 8, 64, 2, torch.float32, False, DEVICE)
     state = _nf4_state(8, 64)
     x, A, B = inp["x"], inp["lora_A"], inp["lora_B"]
     with pytest.raises(ValueError, match="exactly one"):

@@ -16,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import lora_inputs, peft_like_lora  # noqa: E402
 from qlora_kernels import reference  # noqa: E402
 from qlora_kernels.nf4_weight import NF4Weight  # noqa: E402
 from qlora_kernels.reference.lora import lora_linear  # noqa: E402
@@ -46,30 +47,6 @@ def _nf4_weight(w, blocksize, double_quant, dtype):
     return state, w_ref.to(DEVICE)
 
 
-def _inputs(M, N, K, r, dtype, has_bias, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(shape, generator=g) * scale).to(DEVICE)
-
-    return dict(
-        x=randn(M, K).to(dtype),
-        w=randn(N, K, scale=K**-0.5),
-        bias=randn(N, scale=0.1).to(dtype) if has_bias else None,
-        lora_A=randn(r, K, scale=K**-0.5).to(dtype),
-        # PEFT starts lora_B at zero; non-zero so that every gradient path is exercised
-        lora_B=randn(N, r, scale=0.5).to(dtype),
-        dy=randn(M, N).to(dtype),
-    )
-
-
-def _peft_like(x, w, bias, lora_A, lora_B, scaling, keep, p):
-    """The layer as PEFT runs it in x's dtype: each matmul's result rounded to the dtype."""
-    base = torch.nn.functional.linear(x, w, bias)
-    dropped = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
-    return base + (dropped @ lora_A.t()) @ lora_B.t() * scaling
-
-
 def _forward_backward(fn, dtype, inp, w, scaling, keep, p):
     """fn's output and (dx, dA, dB, dbias) by autograd, inputs cast to `dtype` first."""
     leaves = [inp["x"], inp["lora_A"], inp["lora_B"], inp["bias"]]
@@ -81,7 +58,7 @@ def _forward_backward(fn, dtype, inp, w, scaling, keep, p):
 
 
 def _run(M, N, K, r, dtype, weight_kind, has_bias, p, scaling, blocksize=64):
-    inp = _inputs(M, N, K, r, dtype, has_bias, seed=M * N + K + r)
+    inp = lora_inputs(M, N, K, r, dtype, has_bias, DEVICE, seed=M * N + K + r)
     if weight_kind == "dense":
         weight, nf4_state, w_ref = inp["w"].to(dtype), None, inp["w"].to(dtype)
     else:
@@ -108,7 +85,7 @@ def _run(M, N, K, r, dtype, weight_kind, has_bias, p, scaling, blocksize=64):
             assert err <= 2e-5 * (1 + w.abs().max().item()), f"{name}: max error {err}"
         return
 
-    ylow, grads_low = _forward_backward(_peft_like, dtype, inp, w_ref, scaling, keep, p)
+    ylow, grads_low = _forward_backward(peft_like_lora, dtype, inp, w_ref, scaling, keep, p)
     for name, g, w, base in zip(("y", "dx", "dA", "dB", "dbias"), got, want, [ylow] + grads_low):
         if w is None:
             assert g is None, name
@@ -149,7 +126,7 @@ def test_rslora_scaling_large_rank_split_m():
 
 
 def test_only_requested_gradients():
-    inp = _inputs(5, 37, 70, 8, torch.float32, True)
+    inp = lora_inputs(5, 37, 70, 8, torch.float32, True, DEVICE)
     w = inp["w"]
     _, xa = lora_forward_triton(inp["x"], w, None, inp["bias"], inp["lora_A"], inp["lora_B"], 2.0, 0.1, SEED)
     dx, dA, dB, dbias = lora_backward_triton(inp["dy"], inp["x"], w, None, inp["lora_A"], inp["lora_B"], 2.0, 0.1,
@@ -168,7 +145,7 @@ def test_dropout_mask():
 
 
 def test_rejects_bad_arguments():
-    inp = _inputs(5, 37, 70, 8, torch.float32, False)
+    inp = lora_inputs(5, 37, 70, 8, torch.float32, False, DEVICE)
     args = (inp["x"], inp["w"], None, None, inp["lora_A"], inp["lora_B"], 1.0)
     with pytest.raises(ValueError, match="dropout_p"):
         lora_forward_triton(*args, 1.0, SEED)
