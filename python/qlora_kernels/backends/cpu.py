@@ -11,7 +11,7 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
-from .common import as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
+from .common import as_bytes, attention_kernels_lack, dtype_tag, dynamic_lut, kernel, nested_pointers
 
 _C = native()
 
@@ -55,19 +55,31 @@ if _C is not None:
 
 
     @kernel(attention_ops.flash_attention_fwd, "cpu", "C++")
-    def _(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
+    def _(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
+          max_seqlen_k, window_left, window_right, softcap, sinks):
         from .attention_cpu import flash_attention_fwd_cpu
 
+        args = (q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
+                max_seqlen_k, window_left, window_right, softcap, sinks)
+        attention_ops.check_args(*args)
+        if attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks):
+            return attention_ops.reference_forward(*args)
         return flash_attention_fwd_cpu(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens,
                                        max_seqlen)
 
     @kernel(attention_ops.flash_attention_bwd, "cpu", "C++")
-    def _(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
+    def _(dout, dlse, q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen,
+          cu_seqlens_k, max_seqlen_k, window_left, window_right, softcap, sinks):
         from .attention_cpu import flash_attention_bwd_cpu
 
+        args = (causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
+                max_seqlen_k, window_left, window_right, softcap, sinks)
+        attention_ops.check_backward_args(dout, dlse, q, out, lse, k, v, *args)
+        if attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks, dlse):
+            return attention_ops.reference_backward(dout, dlse, q, k, v, out, lse, *args)
         grads = flash_attention_bwd_cpu(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes,
                                         key_padding_mask, cu_seqlens, max_seqlen)
-        return attention_ops.grads_like_inputs((q, k, v), grads)
+        return (*attention_ops.grads_like_inputs((q, k, v), grads), attention_ops.no_sinks_grad(q))
 
 
     def _nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K,

@@ -19,7 +19,7 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
-from .common import DTYPE_TAGS, as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
+from .common import DTYPE_TAGS, as_bytes, attention_kernels_lack, dtype_tag, dynamic_lut, kernel, nested_pointers
 from .lora_dequant_mm import absmax_operands, lora_backward_dequant_mm, lora_forward_dequant_mm, nf4_dequantize_into
 
 _C = native()
@@ -96,7 +96,13 @@ DECODE_MIN_KEYS = 256
 
 
 @cuda_kernel(attention_ops.flash_attention_fwd, "Triton")
-def triton_flash_attention_fwd(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
+def triton_flash_attention_fwd(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen,
+                               cu_seqlens_k, max_seqlen_k, window_left, window_right, softcap, sinks):
+    args = (q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
+            max_seqlen_k, window_left, window_right, softcap, sinks)
+    attention_ops.check_args(*args)
+    if attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks):
+        return attention_ops.reference_forward(*args)
     if cu_seqlens is None and causal and q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS:
         from ..triton.flash_decode import flash_decode_triton
 
@@ -108,12 +114,19 @@ def triton_flash_attention_fwd(q, k, v, causal, softmax_scale, alibi_slopes, key
 
 
 @cuda_kernel(attention_ops.flash_attention_bwd, "Triton")
-def triton_flash_attention_bwd(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen):
+def triton_flash_attention_bwd(dout, dlse, q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask,
+                               cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, window_left, window_right, softcap,
+                               sinks):
+    args = (causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
+            window_left, window_right, softcap, sinks)
+    attention_ops.check_backward_args(dout, dlse, q, out, lse, k, v, *args)
+    if attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks, dlse):
+        return attention_ops.reference_backward(dout, dlse, q, k, v, out, lse, *args)
     from ..triton.flash_attention import flash_attention_bwd_triton
 
     grads = flash_attention_bwd_triton(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes,
                                        key_padding_mask, cu_seqlens, max_seqlen or None)
-    return attention_ops.grads_like_inputs((q, k, v), grads)
+    return (*attention_ops.grads_like_inputs((q, k, v), grads), attention_ops.no_sinks_grad(q))
 
 
 def nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K, dtype):

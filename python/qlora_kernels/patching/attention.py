@@ -69,7 +69,7 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
 
 @cu_seqlens_from_position_ids.register_fake
 def _(position_ids):
-    return position_ids.new_empty(torch.library.get_ctx().new_dynamic_size(min=1), dtype=torch.int32)
+    return position_ids.new_empty(torch.library.get_ctx().new_dynamic_size(min=2), dtype=torch.int32)
 
 
 def _packed_sequences(query: Tensor, kwargs: dict) -> tuple[Tensor | None, int]:
