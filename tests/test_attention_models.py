@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from qlora_kernels.patching.attention import patch_attention, unpatch_attention
+from qlora_kernels.patching import patch_attention, unpatch_attention
 
 from helpers import DEVICES, grad_error
 

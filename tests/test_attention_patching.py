@@ -10,7 +10,9 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.bloom import modeling_bloom
 
-from qlora_kernels.patching.attention import alibi_slopes, cu_seqlens_from_position_ids, patch_attention
+from qlora_kernels.patching import patch_attention
+from qlora_kernels.patching.attention import cu_seqlens_from_position_ids
+from qlora_kernels.patching.bloom import alibi_slopes
 
 
 def _llama(layers=2):

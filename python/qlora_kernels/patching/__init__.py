@@ -1,6 +1,6 @@
 """Model-level patching: swap layers in a user's model, keep its Parameters and behaviour."""
 
-from .attention import patch_attention, unpatch_attention
+from .families import patch_attention, unpatch_attention
 from .lora import patch_lora, unpatch_lora
 from .model import SUPPORTED, PatchReport, patch, patch_report, unpatch
 from .quantize import from_bnb, quantize_model, to_bnb

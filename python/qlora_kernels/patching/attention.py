@@ -1,9 +1,9 @@
 """Route a model's attention through `qlora_kernels.flash_attention`.
 
-Llama and OPT: registered in transformers' attention interface as "qlora_kernels", with
-FlashAttention-2's mask function (a 2-D key padding mask, or None), then selected with
-`set_attn_implementation`. Bloom does not use that interface: its attention forward is
-replaced per module (ALiBi from per-head slopes, `layer_past` caches) and restored on unpatch.
+The families that use transformers' attention interface (Llama, OPT, ...): "qlora_kernels" is
+registered there with FlashAttention-2's mask function (a 2-D key padding mask, or None), then
+selected with `set_attn_implementation`. Bloom does not use that interface (patching/bloom.py);
+patching/families.py says which family takes which.
 
 Packed sequences (a batch of one whose position_ids restart at 0, or the collator's
 cu_seq_lens_q) take the varlen kernel. Their offsets are read from the device once per batch,
@@ -13,8 +13,6 @@ packing is honoured in a full graph too.
 
 from __future__ import annotations
 
-import math
-import types
 import warnings
 import weakref
 
@@ -127,88 +125,19 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, flash_attention_mask)
 
 
-# --- Bloom -------------------------------------------------------------------------------
-
-def alibi_slopes(num_heads: int) -> list[float]:
-    """ALiBi's per-head slopes (Press et al., 2022, as Bloom was trained): for n heads, n a power
-    of two, the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8); otherwise those of the
-    largest power of two p below n, then the first n - p odd-numbered slopes of 2p heads."""
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    p = 2 ** int(math.log2(num_heads))
-    return [2.0 ** (-8.0 * i / p) for i in range(1, p + 1)] + [
-        2.0 ** (-8.0 * (2 * i - 1) / (2 * p)) for i in range(1, num_heads - p + 1)]
-
-
-# built once per (heads, device), not in every layer of every forward
-_ALIBI_SLOPES: dict[tuple[int, torch.device], Tensor] = {}
-
-
-def _alibi_slopes_on(num_heads: int, device: torch.device) -> Tensor:
-    slopes = _ALIBI_SLOPES.get((num_heads, device))
-    if slopes is None:
-        slopes = torch.tensor(alibi_slopes(num_heads), dtype=torch.float32, device=device)
-        _ALIBI_SLOPES[(num_heads, device)] = slopes
-    return slopes
-
-
-def _key_padding_from_4d(mask: Tensor | None, kv_length: int) -> Tensor | None:
-    # The last query row of a causal mask sees every key that is not padding. An all-True
-    # mask is passed as is: testing for it would read the device in every layer.
-    if mask is None:
-        return None
-    last = mask[:, 0, -1, :kv_length]
-    return last if last.dtype == torch.bool else last == 0
-
-
-def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
-                             output_attentions=False, **kwargs):
-    if output_attentions or (self.training and self.attention_dropout.p > 0) or (
-            self.pretraining_tp > 1 and self.slow_but_exact):
-        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past, use_cache,
-                                  output_attentions, **kwargs)
-    from transformers.models.bloom.modeling_bloom import dropout_add
-
-    batch_size, q_length, _ = hidden_states.shape
-    query, key, value = self._reshape(self.query_key_value(hidden_states))  # [B, H, S, D] views
-    if layer_past is not None:
-        key, value = layer_past.update(key, value, self.layer_idx)
-    out = flash_attention(query, key, value, causal=True, softmax_scale=self.inv_norm_factor,
-                          alibi_slopes=_alibi_slopes_on(self.num_heads, hidden_states.device),
-                          key_padding_mask=_key_padding_from_4d(attention_mask, key.shape[2]))
-    context = out.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
-    output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
-    return output, None
-
-
-def _bloom_attentions(model: nn.Module):
-    from transformers.models.bloom.modeling_bloom import BloomAttention
-
-    return [m for m in model.modules() if isinstance(m, BloomAttention)]
-
-
-def patch_attention(model: nn.Module) -> list[str]:
-    """Use flash_attention in `model`'s attention layers; returns what was patched."""
-    blooms = _bloom_attentions(model)
-    if blooms:
-        for m in blooms:
-            if "forward" not in m.__dict__:
-                m.forward = types.MethodType(_bloom_attention_forward, m)
-        return [f"bloom attention x{len(blooms)}"]
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "set_attn_implementation"):
+def patch_interface(model: nn.Module) -> list[str]:
+    """Select "qlora_kernels" as `model`'s attention implementation; returns what was patched."""
+    if not hasattr(model, "set_attn_implementation"):
         raise NotImplementedError(f"{type(model).__name__}: attention patching needs a transformers model")
     register()
-    current = config._attn_implementation
+    current = model.config._attn_implementation
     if current != NAME:
         setattr(model, _PREVIOUS, current)
         model.set_attn_implementation(NAME)
     return [f"attention interface '{NAME}' (was '{getattr(model, _PREVIOUS, current)}')"]
 
 
-def unpatch_attention(model: nn.Module) -> None:
-    for m in _bloom_attentions(model):
-        m.__dict__.pop("forward", None)
+def unpatch_interface(model: nn.Module) -> None:
     previous = model.__dict__.pop(_PREVIOUS, None)
     if previous is not None:
         model.set_attn_implementation(previous)

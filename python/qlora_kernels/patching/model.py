@@ -3,7 +3,7 @@
 patch puts together the pieces of this package on a Hugging Face Llama, OPT or Bloom model,
 plain or wrapped by PEFT:
 
-- attention -> flash_attention (patching/attention.py);
+- attention -> flash_attention, per model family (patching/families.py);
 - `quantize="nf4"`: nn.Linear base layers -> NF4Linear (never lm_head or LoRA's own weights);
 - on a model that holds PEFT LoRA layers: bitsandbytes NF4 `Linear4bit` -> NF4Linear (same
   bytes, shared) and the LoRA layers -> the fused lora_linear op (patching/lora.py).
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..modules import NF4Linear
-from .attention import patch_attention, unpatch_attention
+from .families import SUPPORTED, patch_attention, unpatch_attention
 from .lora import _lora_classes, patch_lora, unpatch_lora
 from .quantize import (
     bnb_linear4bit_layers,
@@ -38,12 +38,6 @@ from .quantize import (
     why_not_convertible,
 )
 
-# model_type -> what the attention patch covers
-SUPPORTED = {
-    "llama": "LlamaForCausalLM (GQA included): attention interface",
-    "opt": "OPTForCausalLM: attention interface",
-    "bloom": "BloomForCausalLM: attention forward with ALiBi in-kernel",
-}
 _REPORT = "_qlora_kernels_patch"
 
 
