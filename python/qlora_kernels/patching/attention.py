@@ -76,7 +76,8 @@ def _packed_sequences(query: Tensor, kwargs: dict) -> tuple[Tensor | None, int]:
     for a single sequence."""
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     position_ids = kwargs.get("position_ids")
-    if cu_seqlens is None and position_ids is None:
+    if (cu_seqlens is None and position_ids is None) or query.device.type == "meta":
+        # meta tensors have no offsets to read, and packing does not change the output's shape
         return None, 0
     if torch.compiler.is_compiling():
         # No host read while tracing: the offsets' count stays a dynamic size, so a single
