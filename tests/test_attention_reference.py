@@ -273,3 +273,19 @@ def test_no_warning_on_the_kernel_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qk.flash_attention(q, k, v, window_size=(2, 0), softcap=1.0, deterministic=True)
+
+
+def test_patched_model_on_the_meta_device():
+    """Shape inference of a patched model (e.g. under accelerate's init_empty_weights) runs the
+    fake path, packed position_ids included (they have no values to read on meta)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    qk.patch(model)
+    ids = torch.zeros(1, 10, dtype=torch.long, device="meta")
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]]).to("meta")
+    assert model(ids, position_ids=position_ids).logits.shape == (1, 10, 64)
+    assert model(ids).logits.shape == (1, 10, 64)
