@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import flash_attention
+from ..reference.attention import keep_mask
+from .kv_cache import interface_keys
 
 NAME = "qlora_kernels"
 _PREVIOUS = "_qlora_kernels_previous_attn"
@@ -94,26 +96,112 @@ def _packed_sequences(query: Tensor, kwargs: dict) -> tuple[Tensor | None, int]:
     return (cu_seqlens, max_seqlen) if cu_seqlens.numel() > 2 else (None, 0)
 
 
-def attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
-                      scaling: float | None = None, is_causal: bool | None = None, **kwargs):
-    """transformers attention-interface function: q, k, v [B, H, S, D] -> ([B, S, H, D], None)."""
-    if dropout > 0.0 or (attention_mask is not None and attention_mask.dim() != 2):
-        # attention dropout and arbitrary 4-D masks are not in the kernel: SDPA computes those
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+# Keyword arguments of transformers' attention interface that do not change what attention
+# computes (the packing ones are read by _packed_sequences).
+_NO_EFFECT = frozenset({"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "use_cache",
+                        "cache_position", "past_key_values", "num_items_in_batch", "output_hidden_states",
+                        "return_dict", "output_router_logits"})
+# ones the kernels do not implement, harmless when None or False
+_UNLESS_OFF = frozenset({"output_attentions", "position_bias", "head_mask"})
 
-        warnings.warn("qlora_kernels attention: falling back to SDPA for attention dropout or a custom 4-D mask",
-                      stacklevel=2)
+# fallbacks already warned about: one warning per reason
+_WARNED: set[str] = set()
+_STRICT = "_qlora_kernels_strict"
+
+
+def _not_in_kernels(dropout: float, attention_mask: Tensor | None, kwargs: dict) -> list[str]:
+    """Why this call cannot run in the kernels (empty when it can)."""
+    reasons = []
+    if dropout > 0.0:
+        reasons.append("attention dropout")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        reasons.append("a custom 4-D attention mask")
+    for name, value in kwargs.items():
+        if name in _UNLESS_OFF:
+            if value is not None and value is not False:
+                reasons.append(name)
+        elif name not in _NO_EFFECT:
+            reasons.append(f"the keyword argument {name!r}")
+    return reasons
+
+
+def window_size(sliding_window: int | None) -> tuple[int, int]:
+    """transformers' `sliding_window` W as flash-attn's (left, right): a query sees the W keys
+    ending at its own position (W - 1 before it) under a causal mask, and the keys less than W
+    away on either side without one."""
+    if sliding_window is None:
+        return (-1, -1)
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    return (sliding_window - 1, sliding_window - 1)
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, sinks,
+                   reasons, kwargs):
+    """This call through transformers' SDPA attention function, with the mask the kernels would
+    have applied: causal and window bottom-right aligned, key padding, packed sequences."""
+    if softcap or sinks is not None:
+        raise NotImplementedError(f"qlora_kernels attention: {', '.join(reasons)} together with "
+                                  f"{'softcap' if softcap else 's_aux (attention sinks)'} is computed neither by the "
+                                  "kernels nor by SDPA; use attn_implementation='eager' for this model")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    Sq, Sk = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() != 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+                                      is_causal=causal)
+    keep = keep_mask(Sq, Sk, causal, window, query.device).view(1, 1, Sq, Sk)
+    if attention_mask is not None:
+        keep = keep & attention_mask.bool()[:, None, None, -Sk:]
+    packable = attention_mask is None and query.shape[0] == 1 and Sq == Sk
+    cu_seqlens, _ = _packed_sequences(query, kwargs) if packable else (None, 0)
+    if cu_seqlens is not None:
+        document = torch.searchsorted(cu_seqlens[1:-1], torch.arange(Sq, device=query.device), right=True)
+        keep = keep & (document[:, None] == document[None, :])
+    out, _ = sdpa_attention_forward(module, query, key, value, keep, dropout=dropout, scaling=scaling,
+                                    is_causal=False)
+    # [B, Sq, H, D]: a query with no key gives 0, as in the kernels
+    return torch.where(keep.any(-1).transpose(1, 2)[..., None], out, 0), None
+
+
+def attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, is_causal: bool | None = None, sliding_window: int | None = None,
+                      softcap: float | None = None, s_aux: Tensor | None = None, **kwargs):
+    """transformers attention-interface function: q, k, v [B, H, S, D] -> ([B, S, H, D], None).
+
+    sliding_window (Mistral, Qwen2/3, Gemma2/3, Phi-3), softcap (Gemma2) and s_aux (attention
+    sinks) run in the kernels. Anything else that would change the result (attention dropout,
+    a custom 4-D mask, output_attentions, an unknown keyword) goes to transformers' SDPA with
+    one warning per reason, or raises NotImplementedError on a model patched with strict=True.
+    """
+    # a static cache's keys run past the tokens seen so far
+    key, value, attention_mask = interface_keys(query, key, value, attention_mask, kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = window_size(sliding_window)
+    cap = float(softcap) if softcap is not None else 0.0
+    reasons = _not_in_kernels(dropout, attention_mask, kwargs)
+    if reasons:
+        if getattr(module, _STRICT, False):
+            raise NotImplementedError(f"qlora_kernels attention: {', '.join(reasons)} is not in the kernels, and "
+                                      "this model was patched with strict=True (strict=False computes such calls "
+                                      "with transformers' SDPA and warns)")
+        for reason in reasons:
+            if reason not in _WARNED:
+                _WARNED.add(reason)
+                warnings.warn(f"qlora_kernels attention: {reason} is not in the kernels; transformers' SDPA "
+                              "computes these calls", stacklevel=2)
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, cap, s_aux,
+                              reasons, kwargs)
     packable = attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
     cu_seqlens, max_seqlen = _packed_sequences(query, kwargs) if packable else (None, 0)
     if cu_seqlens is not None:
         # [1, H, T, D] -> [T, H, D] views, no copy
         out = flash_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                              causal=causal, softmax_scale=scaling, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                              causal=causal, softmax_scale=scaling, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                              window_size=window, softcap=cap, sinks=s_aux)
         return out.unsqueeze(0), None
-    out = flash_attention(query, key, value, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask)
+    out = flash_attention(query, key, value, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
+                          window_size=window, softcap=cap, sinks=s_aux)
     return out.transpose(1, 2), None
 
 
@@ -124,6 +212,22 @@ def register() -> None:
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+def set_strict(model: nn.Module, strict: bool) -> None:
+    """strict=True: a call the kernels do not implement raises NotImplementedError instead of
+    running through SDPA with a warning. Stored on the modules, not the config, so that it is
+    never saved with the model."""
+    # the attention function sees only the attention module, and every transformers attention
+    # module keeps the config it picks its attention function from
+    for module in model.modules():
+        if hasattr(module, "config"):
+            module.__dict__[_STRICT] = strict
+
+
+def clear_strict(model: nn.Module) -> None:
+    for module in model.modules():
+        module.__dict__.pop(_STRICT, None)
 
 
 def patch_interface(model: nn.Module) -> list[str]:
