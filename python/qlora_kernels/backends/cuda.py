@@ -197,10 +197,13 @@ def _gemv_applies(x, state, dropout_p) -> bool:
             and as_bytes(state.packed).data_ptr() % 16 == 0)
 
 
-def _dequant_once_applies(x) -> bool:
+def _dequant_once_applies(x, weight) -> bool:
     # fp32 always: the fused kernels' IEEE fp32 dots run on FMA units with narrow tiles (a correctness
-    # path, not a fast one), where cuBLAS honours the TF32 setting and runs at full speed
-    return x.dtype == torch.float32 or x.shape[0] >= LORA_DEQUANT_ONCE_MIN_TOKENS
+    # path, not a fast one), where cuBLAS honours the TF32 setting and runs at full speed. A dense W
+    # stored transposed (a Conv1D's [in, out]) too: cuBLAS reads it in place, the fused kernels
+    # read W row-major and would copy it at every call
+    return (x.dtype == torch.float32 or x.shape[0] >= LORA_DEQUANT_ONCE_MIN_TOKENS
+            or (weight is not None and not weight.is_contiguous()))
 
 
 @cuda_kernel(lora_ops.lora_linear_fwd, "CUDA GEMV (M <= 16), Triton fused, dequantize-once + cuBLAS (large M)")
@@ -217,7 +220,7 @@ def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code
     if _gemv_applies(x, state, dropout_p):
         xa = x.float() @ lora_A.float().t()
         return lora_gemv_cuda(x, state, bias, xa, lora_B, scaling), xa
-    if _dequant_once_applies(x):
+    if _dequant_once_applies(x, weight):
         return lora_forward_dequant_mm(x, weight, state, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
     from ..triton.lora import lora_forward_triton
 
@@ -229,7 +232,7 @@ def triton_lora_linear_bwd(dy, x, weight, packed, absmax, nested_absmax, nested_
                            nested_blocksize, lora_A, lora_B, scaling, dropout_p, seed, xa):
     state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                        dy.shape[1], x.shape[1], x.dtype)
-    if _dequant_once_applies(x):
+    if _dequant_once_applies(x, weight):
         dx, dA, dB, dbias = lora_backward_dequant_mm(dy, x, weight, state, lora_A, lora_B, scaling, dropout_p,
                                                      int(seed), xa)
     else:
