@@ -11,10 +11,22 @@ reads the same K/V tiles, so loading them once per group cuts cache traffic by t
 size and gives `tl.dot` a useful M even when Sq = 1.
 
 Semantics are `reference.attention.flash_attention` with causal=True (bottom-right: query
-i sees keys j <= i + Sk - Sq), GQA, ALiBi and key_padding_mask; rows with no key give
-out 0 and lse -inf. Forward only. Numerics (base-2 online softmax, fp32 accumulation,
-interpreter handling) are those of `flash_attention`, whose helpers this reuses;
-partials are kept in fp32 and rounded once, in the combine.
+i sits at position r = i + Sk - Sq and sees keys j <= r), GQA, ALiBi, key_padding_mask, a
+sliding window (keys j >= r - window_left), logit softcap and attention sinks; rows with no
+key give out 0 and lse -inf (the sink with sinks). Forward only.
+
+* Window: the splits cover only keys [Sk - Sq - window_left, Sk), the keys some query row
+  can see; keys before are never read, so a windowed layer streams W + Sq keys, not the
+  cache. window_right cannot cut anything under the causal mask (it bounds j <= r + right
+  with right >= 0).
+* ALiBi: the kernel adds slope * (j - r), which equals the reference's symmetric
+  -slope * |j - r| on every key the causal mask keeps.
+* Sinks enter once, in the combine: the sink's exp(sink) joins the sum of the splits'
+  exp(lse), so lse includes it and a row with no key gets out 0 and lse = sink.
+
+Numerics (base-2 online softmax, fp32 accumulation, interpreter handling) are those of
+`flash_attention`, whose helpers this reuses; partials are kept in fp32 and rounded once,
+in the combine.
 """
 
 from __future__ import annotations
@@ -28,12 +40,12 @@ import triton.language as tl
 from qlora_kernels.triton.flash_attention import (
     LN2,
     LOG2E,
-    MAX_HEAD_DIM,
     _cast,
-    _fwd_inner,
+    _dot,
     _interpreting,
+    _load_rows,
+    _load_rows_t,
     _unit_last,
-    side_inputs,
 )
 
 __all__ = ["flash_decode_triton"]
@@ -43,13 +55,23 @@ MAX_SPLITS = 64
 
 
 @triton.jit
+def _tanh(x):
+    # through exp2 (one ex2.approx on NVIDIA): libdevice's tanh does not run under the
+    # interpreter. exp2(-2|x| log2 e) stays in (0, 1], so nothing overflows.
+    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, OutPart, LsePart, Slopes, KeyMask,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mn,
-    seqlen_q, seqlen_k, heads_kv, group, split_size, num_splits, qk_scale,
+    seqlen_q, seqlen_k, heads_kv, group, key_lo, split_size, num_splits, window_left, qk_scale, softcap2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     split = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,24 +84,48 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs = Q + seq * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    pos_q = qi + (seqlen_k - seqlen_q)
+    pos_q = (qi + (seqlen_k - seqlen_q))[:, None]
+    # the first key each row may see; without a window the launcher passes window_left = Sk
+    first_k = pos_q - window_left
     slope2 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     if HAS_ALIBI:
         slope2 = (tl.load(Slopes + head, mask=row_ok, other=0.0) * LOG2E)[:, None]
+    k_base = K + seq * stride_kb + kv_head * stride_kh
+    v_base = V + seq * stride_vb + kv_head * stride_vh
+    mask_base = KeyMask + seq * stride_mb
 
-    lo = split * split_size
+    lo = key_lo + split * split_size
     hi = tl.minimum(lo + split_size, seqlen_k)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # `hi` stands in for seqlen_k as the key bound, so keys of the next split are masked;
-    # positions still use the real seqlen_k. Decode is bandwidth-bound, so every block
-    # is simply masked.
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + seq * stride_kb + kv_head * stride_kh,
-                               V + seq * stride_vb + kv_head * stride_vh, stride_kn, stride_vn,
-                               KeyMask + seq * stride_mb, stride_mn, lo, hi, pos_q, hi, qk_scale, slope2,
-                               True, True, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION,
-                               INTERPRET)
+    offs_n = tl.arange(0, BLOCK_N)
+    # `hi` bounds the loads, so keys of the next split are never read; positions use the
+    # real seqlen_k. Decode is bandwidth-bound, so every block is simply masked.
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        s = _dot(q, _load_rows_t(k_base, cols, stride_kn, hi, HEAD_DIM, BLOCK_D), INPUT_PRECISION, INTERPRET)
+        if HAS_SOFTCAP:
+            # qk_scale = scale / softcap and softcap2 = softcap * log2(e): the cap acts on the
+            # natural-log score, then the result moves to base 2
+            s = softcap2 * _tanh(s * qk_scale)
+        else:
+            s = s * qk_scale
+        if HAS_ALIBI:
+            s += slope2 * (cols[None, :] - pos_q).to(tl.float32)
+        keep = (cols[None, :] < hi) & (cols[None, :] <= pos_q) & (cols[None, :] >= first_k)
+        if HAS_KPM:
+            attend = tl.load(mask_base + cols * stride_mn, mask=cols < hi, other=0)
+            keep = keep & (attend != 0)[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, cols, stride_vn, hi, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERPRET), v, INPUT_PRECISION, INTERPRET)
+        m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -91,17 +137,22 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_combine_kernel(OutPart, LsePart, Out, Lse, num_splits,
+def _decode_combine_kernel(OutPart, LsePart, Out, Lse, Sinks, num_splits, heads_q, seqlen_q,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                           INTERPRET: tl.constexpr):
+                           HAS_SINKS: tl.constexpr, INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # flat (batch, q head, query); outputs are contiguous
     splits = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     lse_s = tl.load(LsePart + row * num_splits + splits, mask=splits < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + (row // seqlen_q) % heads_q)
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2((lse_s - m_safe) * LOG2E)
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp2((sink - m_safe) * LOG2E)
     o_s = tl.load(OutPart + (row * num_splits + splits[:, None]) * HEAD_DIM + offs_d[None, :],
                   mask=(splits < num_splits)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     empty = total == 0.0
@@ -118,6 +169,11 @@ def _auto_splits(programs: int, key_blocks: int, device: torch.device) -> int:
     return min(triton.cdiv(2 * sms, programs), key_blocks)
 
 
+def first_visible_key(seqlen_q: int, seqlen_k: int, window_left: int) -> int:
+    """The first key any query row sees under the causal mask and window: the splits start there."""
+    return max(0, seqlen_k - seqlen_q - window_left) if window_left >= 0 else 0
+
+
 def flash_decode_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,33 +181,37 @@ def flash_decode_triton(
     softmax_scale: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q [B, Hq, Sq, D] (Sq small) on a cache k / v [B, Hkv, Sk, D].
 
-    Same results as `reference.attention.flash_attention(q, k, v, True, ...)`: out
-    (contiguous [B, Hq, Sq, D], q's dtype) and fp32 lse [B, Hq, Sq]. Any batch / head /
-    sequence strides. `num_splits` (at most MAX_SPLITS; the default fills the GPU) caps
-    how many key ranges are reduced in parallel.
+    Same results as `reference.attention.flash_attention(q, k, v, True, ...)` with
+    window_size=(window_left, window_right) (-1 unbounded), softcap (0 none) and sinks [Hq]:
+    out (contiguous [B, Hq, Sq, D], q's dtype) and fp32 lse [B, Hq, Sq]. The arguments are
+    those `ops.attention.check_args` accepted. Any batch / head / sequence strides.
+    `num_splits` (at most MAX_SPLITS; the default fills the GPU) caps how many key ranges
+    are reduced in parallel.
     """
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q, k, v must share fp16, bf16 or fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D or not 0 < D <= MAX_HEAD_DIM:
-        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} (head dim at most {MAX_HEAD_DIM})")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
     device = q.device
+    sink_lse = None if sinks is None else sinks.to(device=device, dtype=torch.float32).contiguous()
     if q.numel() == 0 or Sk == 0:  # no keys: every row is empty
-        return (torch.zeros(q.shape, dtype=q.dtype, device=device),
-                torch.full((B, Hq, Sq), -math.inf, dtype=torch.float32, device=device))
+        lse = (torch.full((B, Hq, Sq), -math.inf, dtype=torch.float32, device=device) if sink_lse is None
+               else sink_lse.view(1, Hq, 1).expand(B, Hq, Sq).contiguous())
+        return torch.zeros(q.shape, dtype=q.dtype, device=device), lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     group = Hq // Hkv
-
-    slopes, key_mask, mask_strides = side_inputs(q, alibi_slopes, key_padding_mask, Hq, B, Sk)
+    slopes = q if alibi_slopes is None else alibi_slopes.to(device=device, dtype=torch.float32).contiguous()
+    # bool and uint8 share a byte, so the mask is read in place
+    key_mask = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    mask_strides = (0, 0) if key_padding_mask is None else (key_mask.stride(0), key_mask.stride(1))
 
     interpret = _interpreting()
     fp32 = q.dtype == torch.float32
@@ -163,15 +223,16 @@ def flash_decode_triton(
     BLOCK_M = min(32 if fp32 else 64, max(16, triton.next_power_of_2(group * Sq)))
     BLOCK_N = 16 if interpret or fp32 else (32 if BLOCK_D > 128 else 64)
     row_blocks = triton.cdiv(group * Sq, BLOCK_M)
-    key_blocks = triton.cdiv(Sk, BLOCK_N)
+    key_lo = first_visible_key(Sq, Sk, window_left)
+    key_blocks = triton.cdiv(Sk - key_lo, BLOCK_N)
     if num_splits is None:
         num_splits = _auto_splits(B * Hkv * row_blocks, key_blocks, device)
-    if num_splits < 1:
-        raise ValueError(f"num_splits={num_splits} must be positive")
     num_splits = min(num_splits, MAX_SPLITS, key_blocks)
     split_size = triton.cdiv(key_blocks, num_splits) * BLOCK_N
-    num_splits = triton.cdiv(Sk, split_size)
+    num_splits = triton.cdiv(Sk - key_lo, split_size)
 
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    qk_scale = scale / softcap if softcap > 0 else scale * math.log2(math.e)
     out = torch.empty(q.shape, dtype=q.dtype, device=device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=device)
     out_part = torch.empty((B, Hq, Sq, num_splits, D), dtype=torch.float32, device=device)
@@ -180,17 +241,17 @@ def flash_decode_triton(
         q, k, v, out_part, lse_part, slopes, key_mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mask_strides,
-        Sq, Sk, Hkv, group, split_size, num_splits,
-        (float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)) * math.log2(math.e),
+        Sq, Sk, Hkv, group, key_lo, split_size, num_splits, min(window_left, Sk) if window_left >= 0 else Sk, qk_scale,
+        float(softcap) * math.log2(math.e),
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None,
+        HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None, HAS_SOFTCAP=softcap > 0,
         INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRET=interpret,
         num_warps=4, num_stages=2 if BLOCK_D > 128 else 3,
     )
     BLOCK_S = triton.next_power_of_2(num_splits)
     _decode_combine_kernel[(B * Hq * Sq,)](
-        out_part, lse_part, out, lse, num_splits,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, INTERPRET=interpret,
+        out_part, lse_part, out, lse, q if sink_lse is None else sink_lse, num_splits, Hq, Sq,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, HAS_SINKS=sink_lse is not None, INTERPRET=interpret,
         num_warps=min(8, max(1, BLOCK_S * BLOCK_D // 1024)),  # about 32 fp32 partial values per thread
     )
     return out, lse
