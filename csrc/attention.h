@@ -5,11 +5,17 @@
 //
 // Semantics are those of python/qlora_kernels/reference/attention.py:
 // - query head h reads kv head h / (heads_q / heads_kv) (GQA / MQA);
-// - query row i sits at position i + seqlen_k - seqlen_q (bottom-right causal alignment);
-// - ALiBi adds slope[h] * (j - (i + seqlen_k - seqlen_q)) to the scaled score;
-// - a row with no key left gets out = 0, lse = -inf and zero gradients;
-// - varlen: packed [total_tokens, heads, head_dim] tensors, each sequence of cu_seqlens
-//   attends only to itself (seqlen_q = seqlen_k per sequence).
+// - query row i sits at position r = i + seqlen_k - seqlen_q (bottom-right alignment); key j is
+//   seen when j <= r (causal), r - window_left <= j (window_left >= 0) and j <= r + window_right
+//   (window_right >= 0). Only the key blocks some row of a query block may see are computed, so
+//   a sliding window costs O(seqlen_q * window), not O(seqlen_q * seqlen_k);
+// - score = softmax_scale * q.k, then softcap * tanh(score / softcap) when softcap > 0, then
+//   ALiBi's -slope[h] * |j - r|;
+// - sinks[h] adds exp(sinks[h]) to every row's softmax denominator (lse includes it);
+// - a row with no key left gets out = 0, lse = -inf (sinks[h] with sinks) and zero gradients;
+// - varlen: packed [total_tokens, heads, head_dim] tensors, sequence b's queries are
+//   cu_seqlens[b] .. cu_seqlens[b + 1] and its keys those of cu_seqlens_k (or of cu_seqlens
+//   when null); it attends only to itself, aligned as above by its own lengths.
 #pragma once
 
 #include <cstdint>
@@ -39,15 +45,20 @@ struct AttentionArgs {
     int64_t batch = 0;  // varlen: number of sequences
     int64_t heads_q = 0;
     int64_t heads_kv = 0;
-    int64_t seqlen_q = 0;  // varlen: total tokens, equal to seqlen_k
-    int64_t seqlen_k = 0;
+    int64_t seqlen_q = 0;  // varlen: total query tokens
+    int64_t seqlen_k = 0;  // varlen: total key tokens
     int64_t head_dim = 0;  // 1 .. 256
 
     float softmax_scale = 1.0f;
     bool causal = true;
+    int64_t window_left = -1;   // -1: unbounded
+    int64_t window_right = -1;  // -1: unbounded
+    float softcap = 0.0f;       // 0: none
     const float* alibi_slopes = nullptr;        // [heads_q] or null
+    const float* sinks = nullptr;               // [heads_q] or null
     const uint8_t* key_padding_mask = nullptr;  // [batch, seqlen_k] contiguous, 1 = attend; or null
-    const int32_t* cu_seqlens = nullptr;        // [batch + 1] token offsets (varlen mode) or null
+    const int32_t* cu_seqlens = nullptr;        // [batch + 1] query token offsets (varlen mode) or null
+    const int32_t* cu_seqlens_k = nullptr;      // [batch + 1] key token offsets, or null: those of cu_seqlens
 };
 
 // Gradient tensors of the backward, each laid out like its forward counterpart.
@@ -56,14 +67,24 @@ struct AttentionGrads {
     void* dq = nullptr;          // like q
     void* dk = nullptr;          // like k
     void* dv = nullptr;          // like v
-    AttentionStrides dout_strides, dq_strides, dk_strides, dv_strides;
+    const float* dlse = nullptr;  // like lse (its own strides), or null: no gradient flows into lse
+    float* dsinks = nullptr;      // [heads_q] when args.sinks is given
+    AttentionStrides dout_strides, dq_strides, dk_strides, dv_strides, dlse_strides;
 };
 
 // Writes args.out and args.lse. Throws std::invalid_argument on inconsistent sizes.
 void flash_attention_fwd_cpu(const AttentionArgs& args, int num_threads);
 
-// Reads args.out and args.lse (from the forward), writes grads.dq / dk / dv. Threads own one
-// (batch, kv head) each: dK / dV of that head and dQ of its query heads, so no atomics.
+// Reads args.out and args.lse (from the forward), writes grads.dq / dk / dv (and dsinks). Threads
+// own one (batch, kv head) each: dK / dV of that head and dQ of its query heads, so no atomics;
+// dsinks is summed over batches afterwards in a fixed order, so it does not depend on threads.
 void flash_attention_bwd_cpu(const AttentionArgs& args, const AttentionGrads& grads, int num_threads);
+
+// Diagnostics for tests and benchmarks. The number of (query block, key block) tile steps run
+// since the module loaded: it shows which work a call skips.
+int64_t flash_attention_cpu_tile_steps();
+// Runs the tile steps on the baseline ISA even where AVX2 + FMA is present (true), or picks by
+// CPU (false); returns the previous setting. Lets one machine test both code paths.
+bool flash_attention_cpu_force_baseline(bool force);
 
 }  // namespace qk

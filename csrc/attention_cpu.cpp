@@ -128,40 +128,73 @@ QK_INLINE void tile_gemm(float* C, int64_t ldc, const float* A, int64_t a_row, i
     }
 }
 
+// tanh(x), odd, to a few fp32 ulps: below |x| = 1/4 the Taylor series to x^9 (truncation
+// < 1e-8 relative); above, (1 - e) / (1 + e) with e = exp(-2|x|) <= e^(-1/2), where 1 - e
+// cancels at most one bit. Large |x| gives e = 0, so exactly +-1.
+QK_INLINE vfloat tanh_of(const vfloat& x) {
+    const vfloat ax = x < 0.0f ? -x : x;
+    const vfloat x2 = ax * ax;
+    vfloat series = splat(62.0f / 2835.0f);
+    series = series * x2 - 17.0f / 315.0f;
+    series = series * x2 + 2.0f / 15.0f;
+    series = series * x2 - 1.0f / 3.0f;
+    series = (series * x2 + 1.0f) * ax;
+    const vfloat e = exp_nonpositive(-2.0f * ax);
+    const vfloat t = ax < 0.25f ? series : (1.0f - e) / (1.0f + e);
+    return x < 0.0f ? -t : t;
+}
+
 // What turns Q K^T of one (query block, key block) pair into scores, shared by the forward and
-// the backward so that both mask identically.
+// the backward so that both mask identically. Row r (at position pos) sees keys
+// [pos - lower, pos + upper]; the per-element tests run only in blocks that cross those edges.
 struct ScoreBias {
-    int64_t query_pos = 0;      // position (i + seqlen_k - seqlen_q) of the block's first row
-    int64_t key_pos = 0;        // index of the block's first key
-    bool causal_diagonal = false;  // some key of the block lies past the first row's diagonal
+    int64_t query_pos = 0;    // position (i + seqlen_k - seqlen_q) of the block's first row
+    int64_t key_pos = 0;      // index of the block's first key
+    int64_t upper = 0;
+    int64_t lower = 0;
+    bool upper_edge = false;  // some key of the block lies past pos + upper of the first row
+    bool lower_edge = false;  // some key of the block lies before pos - lower of the last row
+    float softcap = 0.0f;     // 0: none
     bool alibi = false;
     float alibi_slope = 0.0f;
     const float* key_bias = nullptr;  // [BLOCK_N]: 0 to attend, -inf for padded or absent keys; null: all 0
 };
 
-QK_INLINE void bias_scores(float* scores, int64_t rows, const ScoreBias& bias) {
+// softcap_grad (the backward's [rows][BLOCK_N], or null) receives softcap's derivative 1 - tanh^2.
+QK_INLINE void bias_scores(float* scores, int64_t rows, const ScoreBias& bias, float* softcap_grad) {
     // copied out of `bias` so the stores to `scores` do not force reloads
-    const bool alibi = bias.alibi, causal_diagonal = bias.causal_diagonal;
-    const float slope = bias.alibi_slope;
+    const bool alibi = bias.alibi, upper_edge = bias.upper_edge, lower_edge = bias.lower_edge;
+    const float slope = bias.alibi_slope, softcap = bias.softcap;
     const float* key_bias = bias.key_bias;
-    const int64_t key_pos = bias.key_pos;
-    if (!key_bias && !alibi && !causal_diagonal) return;
+    const int64_t key_pos = bias.key_pos, upper = bias.upper, lower = bias.lower;
+    if (!key_bias && !alibi && !upper_edge && !lower_edge && softcap == 0.0f) return;
+    const vint lane = vint{0, 1, 2, 3, 4, 5, 6, 7};
     for (int64_t r = 0; r < rows; ++r) {
         float* s = scores + r * BLOCK_N;
         const int64_t pos = bias.query_pos + r;
         for (int64_t c = 0; c < BLOCK_N; c += kLanes) {
             vfloat x = load(s + c);
+            if (softcap > 0.0f) {
+                const vfloat t = tanh_of(x / softcap);
+                x = softcap * t;
+                if (softcap_grad) store(softcap_grad + r * BLOCK_N + c, 1.0f - t * t);
+            }
             if (key_bias) x += load(key_bias + c);
             if (alibi) {
-                // slope * (j - pos) with the distance exact in fp32, as the reference computes it
+                // -slope * |j - pos| with the distance exact in fp32, as the reference computes it
                 const vfloat distance = lane_index() + static_cast<float>(key_pos + c - pos);
-                x += slope * distance;
+                x -= slope * (distance < 0.0f ? -distance : distance);
             }
-            if (causal_diagonal) {
-                // key lane l is visible while l <= pos - first key of the lane group
-                const int64_t last_visible = std::clamp<int64_t>(pos - (key_pos + c), -1, kLanes);
-                const vint lane = vint{0, 1, 2, 3, 4, 5, 6, 7};
+            // key lane l of the group starting at key j0 is visible while
+            // pos - lower - j0 <= l <= pos + upper - j0
+            const int64_t j0 = key_pos + c;
+            if (upper_edge) {
+                const int64_t last_visible = std::clamp<int64_t>(pos + upper - j0, -1, kLanes);
                 x = lane > static_cast<int32_t>(last_visible) ? splat(-kInf) : x;
+            }
+            if (lower_edge) {
+                const int64_t first_visible = std::clamp<int64_t>(pos - lower - j0, 0, kLanes);
+                x = lane < static_cast<int32_t>(first_visible) ? splat(-kInf) : x;
             }
             store(s + c, x);
         }
@@ -185,7 +218,7 @@ struct ForwardTile {
 
 QK_INLINE void forward_step_impl(const ForwardTile& t) {
     tile_gemm<false>(t.scores, BLOCK_N, t.q, t.ld, 1, t.kt, BLOCK_N, t.rows, BLOCK_N, t.head_dim);
-    bias_scores(t.scores, t.rows, t.bias);
+    bias_scores(t.scores, t.rows, t.bias, nullptr);
     for (int64_t r = 0; r < t.rows; ++r) {
         float* s = t.scores + r * BLOCK_N;
         vfloat block_max = splat(-kInf);
@@ -228,6 +261,7 @@ struct BackwardTile {
     float* dq;           // [BLOCK_M][ld]: accumulates dS K; softmax_scale is applied on store
     float* dk;           // [BLOCK_N][ld]: this key block's rows of the dK accumulator (dS^T Q scaled)
     float* dv;           // [BLOCK_N][ld]: this key block's rows of the dV accumulator
+    float* softcap_grad;  // [BLOCK_M][BLOCK_N] scratch for softcap's 1 - tanh^2; null without softcap
     int64_t rows;        // a multiple of kPanelRows
     int64_t head_dim;
     int64_t ld;
@@ -236,19 +270,25 @@ struct BackwardTile {
 
 QK_INLINE void backward_step_impl(const BackwardTile& t) {
     tile_gemm<false>(t.probs, BLOCK_N, t.q, t.ld, 1, t.kt, BLOCK_N, t.rows, BLOCK_N, t.head_dim);
-    bias_scores(t.probs, t.rows, t.bias);
+    bias_scores(t.probs, t.rows, t.bias, t.softcap_grad);
     for (int64_t r = 0; r < t.rows; ++r) {
         float* p = t.probs + r * BLOCK_N;
         for (int64_t c = 0; c < BLOCK_N; c += kLanes) store(p + c, exp_nonpositive(load(p + c) - t.lse[r]));
     }
     // dV += P^T dO
     tile_gemm<true>(t.dv, t.ld, t.probs, 1, BLOCK_N, t.dout, t.ld, BLOCK_N, t.ld, t.rows);
-    // dP = dO V^T, then dS = P * (dP - delta) in place
+    // dP = dO V^T, then dS = P * (dP - delta) in place, times 1 - tanh^2 under softcap
     tile_gemm<false>(t.dscores, BLOCK_N, t.dout, t.ld, 1, t.vt, BLOCK_N, t.rows, BLOCK_N, t.head_dim);
     for (int64_t r = 0; r < t.rows; ++r) {
         const float* p = t.probs + r * BLOCK_N;
         float* ds = t.dscores + r * BLOCK_N;
-        for (int64_t c = 0; c < BLOCK_N; c += kLanes) store(ds + c, load(p + c) * (load(ds + c) - t.delta[r]));
+        if (t.softcap_grad) {
+            const float* g = t.softcap_grad + r * BLOCK_N;
+            for (int64_t c = 0; c < BLOCK_N; c += kLanes)
+                store(ds + c, load(p + c) * (load(ds + c) - t.delta[r]) * load(g + c));
+        } else {
+            for (int64_t c = 0; c < BLOCK_N; c += kLanes) store(ds + c, load(p + c) * (load(ds + c) - t.delta[r]));
+        }
     }
     // dQ += dS K; dK += dS^T (Q softmax_scale)
     tile_gemm<true>(t.dq, t.ld, t.dscores, BLOCK_N, 1, t.k, t.ld, t.rows, t.ld, BLOCK_N);
@@ -267,16 +307,19 @@ const bool kHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_support
 using ForwardStep = void (*)(const ForwardTile&);
 using BackwardStep = void (*)(const BackwardTile&);
 
+std::atomic<bool> force_baseline{false};
+std::atomic<int64_t> tile_steps{0};
+
 ForwardStep forward_step() {
 #if defined(__x86_64__)
-    if (kHasAvx2Fma) return forward_step_avx2;
+    if (kHasAvx2Fma && !force_baseline.load(std::memory_order_relaxed)) return forward_step_avx2;
 #endif
     return forward_step_baseline;
 }
 
 BackwardStep backward_step() {
 #if defined(__x86_64__)
-    if (kHasAvx2Fma) return backward_step_avx2;
+    if (kHasAvx2Fma && !force_baseline.load(std::memory_order_relaxed)) return backward_step_avx2;
 #endif
     return backward_step_baseline;
 }
@@ -338,34 +381,61 @@ void store_row(const float* src, int64_t head_dim, float scale, typename Elem<kT
 // ---- geometry shared by forward and backward ----
 
 struct Sequence {
-    int64_t first_token;  // varlen: offset of the sequence in the packed tensors; dense: 0
+    int64_t first_q;  // varlen: offset of the sequence's queries in the packed tensors; dense: 0
+    int64_t first_k;  // varlen: offset of its keys; dense: 0
     int64_t len_q;
     int64_t len_k;
 };
 
 Sequence sequence_of(const AttentionArgs& a, int64_t b) {
-    if (!a.cu_seqlens) return {0, a.seqlen_q, a.seqlen_k};
-    const int64_t first = a.cu_seqlens[b], len = a.cu_seqlens[b + 1] - first;
-    return {first, len, len};
+    if (!a.cu_seqlens) return {0, 0, a.seqlen_q, a.seqlen_k};
+    const int32_t* cu_k = a.cu_seqlens_k ? a.cu_seqlens_k : a.cu_seqlens;
+    return {a.cu_seqlens[b], cu_k[b], a.cu_seqlens[b + 1] - a.cu_seqlens[b], cu_k[b + 1] - cu_k[b]};
 }
 
-// Element offset of (sequence b, head h, row `row` of that sequence) in a tensor.
-int64_t offset_of(const AttentionArgs& a, const AttentionStrides& s, int64_t b, const Sequence& seq, int64_t h,
-                  int64_t row) {
+// Element offset of (sequence b, head h, packed token `token`) in a tensor; dense tensors count
+// tokens from the start of sequence b.
+int64_t offset_of(const AttentionArgs& a, const AttentionStrides& s, int64_t b, int64_t h, int64_t token) {
     const int64_t base = a.cu_seqlens ? 0 : b * s.batch;
-    return base + h * s.head + (seq.first_token + row) * s.seq;
+    return base + h * s.head + token * s.seq;
 }
 
-// Keys [0, key_end) that some row of the query block [row0, row0 + rows) may see.
-int64_t key_end_of(const AttentionArgs& a, const Sequence& seq, int64_t row0, int64_t rows) {
-    if (!a.causal) return seq.len_k;
-    return std::clamp<int64_t>(row0 + rows + seq.len_k - seq.len_q, 0, seq.len_k);
+// Far enough to stand for "unbounded" in position arithmetic without overflowing int64.
+constexpr int64_t kUnbounded = int64_t{1} << 40;
+
+// Row r sees keys [r - lower, r + upper] (before padding and sequence ends).
+struct Window {
+    int64_t lower;
+    int64_t upper;
+};
+
+Window window_of(const AttentionArgs& a) {
+    const int64_t lower = a.window_left >= 0 ? a.window_left : kUnbounded;
+    const int64_t right = a.window_right >= 0 ? a.window_right : kUnbounded;
+    return {lower, a.causal ? std::min<int64_t>(0, right) : right};
 }
 
-// The bias of one key block [key0, key0 + BLOCK_N) for the query block [row0, ...): key_bias (a
-// BLOCK_N scratch) gets -inf for keys past the sequence or padded, and is left out if there is none.
+// The keys some row of the query block [row0, row0 + rows) may see: [begin, end), begin rounded
+// down to a key block. The blocks outside are never computed (their probabilities are 0).
+struct KeyRange {
+    int64_t begin;
+    int64_t end;
+};
+
+KeyRange key_range_of(const AttentionArgs& a, const Sequence& seq, int64_t row0, int64_t rows) {
+    const Window w = window_of(a);
+    const int64_t first = row0 + seq.len_k - seq.len_q, last = first + rows - 1;
+    const int64_t begin = std::clamp<int64_t>(first - w.lower, 0, seq.len_k);
+    const int64_t end = std::clamp<int64_t>(last + w.upper + 1, 0, seq.len_k);
+    if (end <= begin) return {0, 0};
+    return {begin / BLOCK_N * BLOCK_N, end};
+}
+
+// The bias of one key block [key0, key0 + BLOCK_N) for the query block [row0, row0 + rows):
+// key_bias (a BLOCK_N scratch) gets -inf for keys past the sequence or padded, and is left out if
+// there is none.
 ScoreBias score_bias_of(const AttentionArgs& a, const Sequence& seq, int64_t b, int64_t h, int64_t row0,
-                        int64_t key0, float* key_bias) {
+                        int64_t rows, int64_t key0, float* key_bias) {
     const int64_t keys = std::min(BLOCK_N, seq.len_k - key0);
     const uint8_t* mask = a.key_padding_mask ? a.key_padding_mask + b * seq.len_k + key0 : nullptr;
     bool any_masked = false;
@@ -374,16 +444,23 @@ ScoreBias score_bias_of(const AttentionArgs& a, const Sequence& seq, int64_t b, 
         key_bias[n] = attend ? 0.0f : -kInf;
         any_masked |= !attend;
     }
+    const Window w = window_of(a);
     ScoreBias bias;
     bias.query_pos = row0 + seq.len_k - seq.len_q;
     bias.key_pos = key0;
-    bias.causal_diagonal = a.causal && key0 + BLOCK_N - 1 > bias.query_pos;
+    bias.upper = w.upper;
+    bias.lower = w.lower;
+    bias.upper_edge = key0 + BLOCK_N - 1 > bias.query_pos + w.upper;
+    bias.lower_edge = key0 < bias.query_pos + rows - 1 - w.lower;
+    bias.softcap = a.softcap;
     bias.alibi = a.alibi_slopes != nullptr;
     bias.alibi_slope = bias.alibi ? a.alibi_slopes[h] : 0.0f;
     bias.key_bias = any_masked ? key_bias : nullptr;
     return bias;
 }
 
+// ops.attention.check_args validates every argument before the kernels run; what is checked here
+// is what the pointer arithmetic needs to stay inside the tensors.
 void check_args(const AttentionArgs& a) {
     const auto fail = [](const std::string& what) { throw std::invalid_argument("flash_attention_cpu: " + what); };
     if (a.batch < 0 || a.heads_q < 0 || a.seqlen_q < 0 || a.seqlen_k < 0) fail("sizes must be non-negative");
@@ -392,14 +469,23 @@ void check_args(const AttentionArgs& a) {
     if (a.heads_kv < 1 || a.heads_q % a.heads_kv != 0)
         fail("heads_q (" + std::to_string(a.heads_q) + ") must be a multiple of heads_kv (" +
              std::to_string(a.heads_kv) + ")");
-    if (!std::isfinite(a.softmax_scale)) fail("softmax_scale must be finite");
-    if (!a.cu_seqlens) return;
+    if (!a.cu_seqlens) {
+        if (a.cu_seqlens_k) fail("cu_seqlens_k needs cu_seqlens");
+        return;
+    }
     if (a.key_padding_mask) fail("key_padding_mask cannot be combined with cu_seqlens");
-    if (a.seqlen_q != a.seqlen_k) fail("varlen q and k must have the same number of tokens");
-    if (a.cu_seqlens[0] != 0 || a.cu_seqlens[a.batch] != a.seqlen_q)
-        fail("cu_seqlens must start at 0 and end at the number of tokens (" + std::to_string(a.seqlen_q) + ")");
-    for (int64_t b = 0; b < a.batch; ++b)
-        if (a.cu_seqlens[b + 1] < a.cu_seqlens[b]) fail("cu_seqlens must be non-decreasing");
+    if (!a.cu_seqlens_k && a.seqlen_q != a.seqlen_k)
+        fail("q has " + std::to_string(a.seqlen_q) + " packed tokens and k " + std::to_string(a.seqlen_k) +
+             ": pass cu_seqlens_k for keys packed apart from queries");
+    const auto check_offsets = [&](const char* name, const int32_t* cu, int64_t total) {
+        if (cu[0] != 0 || cu[a.batch] != total)
+            fail(std::string(name) + " must start at 0 and end at the number of tokens (" + std::to_string(total) +
+                 ")");
+        for (int64_t b = 0; b < a.batch; ++b)
+            if (cu[b + 1] < cu[b]) fail(std::string(name) + " must be non-decreasing");
+    };
+    check_offsets("cu_seqlens", a.cu_seqlens, a.seqlen_q);
+    if (a.cu_seqlens_k) check_offsets("cu_seqlens_k", a.cu_seqlens_k, a.seqlen_k);
 }
 
 // Runs worker(next_item) on up to num_threads threads; each call sets up its scratch once, then
@@ -447,8 +533,9 @@ class KeyValueTiles {
         using T = typename Elem<kType>::T;
         for (; ready_ < key_end; ready_ += BLOCK_N) {
             const int64_t keys = std::min(BLOCK_N, seq.len_k - ready_);
-            const T* k_rows = static_cast<const T*>(a_.k) + offset_of(a_, a_.k_strides, b, seq, hk, ready_);
-            const T* v_rows = static_cast<const T*>(a_.v) + offset_of(a_, a_.v_strides, b, seq, hk, ready_);
+            const int64_t token = seq.first_k + ready_;
+            const T* k_rows = static_cast<const T*>(a_.k) + offset_of(a_, a_.k_strides, b, hk, token);
+            const T* v_rows = static_cast<const T*>(a_.v) + offset_of(a_, a_.v_strides, b, hk, token);
             load_rows_transposed<kType>(k_rows, a_.k_strides.seq, keys, D, kt_.data() + ready_ * D);
             if (backward_) {
                 load_rows<kType>(k_rows, a_.k_strides.seq, keys, BLOCK_N, D, ld_, 1.0f, k_.data() + ready_ * ld_);
@@ -512,28 +599,40 @@ void forward(const AttentionArgs& a, int num_threads) {
             const ForwardItem it = items[i];
             const Sequence seq = sequence_of(a, it.batch);
             const int64_t rows = std::min(BLOCK_M, seq.len_q - it.row0), rows_padded = round_up(rows, kPanelRows);
-            load_rows<kType>(q + offset_of(a, a.q_strides, it.batch, seq, it.head, it.row0), a.q_strides.seq, rows,
+            const int64_t token = seq.first_q + it.row0;
+            load_rows<kType>(q + offset_of(a, a.q_strides, it.batch, it.head, token), a.q_strides.seq, rows,
                              rows_padded, D, ld, a.softmax_scale, q_tile.data());
             std::fill(acc.begin(), acc.end(), 0.0f);
             std::fill(row_max.begin(), row_max.end(), -kInf);
             std::fill(row_sum.begin(), row_sum.end(), 0.0f);
 
-            const int64_t key_end = key_end_of(a, seq, it.row0, rows);
-            kv.prepare(it.batch, seq, it.head / group, key_end);
-            for (int64_t key0 = 0; key0 < key_end; key0 += BLOCK_N) {
+            const KeyRange keys = key_range_of(a, seq, it.row0, rows);
+            kv.prepare(it.batch, seq, it.head / group, keys.end);
+            for (int64_t key0 = keys.begin; key0 < keys.end; key0 += BLOCK_N) {
                 step({q_tile.data(), kv.kt(key0), kv.v(key0), scores.data(), acc.data(), row_max.data(),
                       row_sum.data(), rows_padded, D, ld,
-                      score_bias_of(a, seq, it.batch, it.head, it.row0, key0, key_bias.data())});
+                      score_bias_of(a, seq, it.batch, it.head, it.row0, rows, key0, key_bias.data())});
             }
+            tile_steps.fetch_add((keys.end - keys.begin + BLOCK_N - 1) / BLOCK_N, std::memory_order_relaxed);
 
-            T* out_rows = out + offset_of(a, a.out_strides, it.batch, seq, it.head, it.row0);
-            float* lse_rows = a.lse + offset_of(a, a.lse_strides, it.batch, seq, it.head, it.row0);
+            T* out_rows = out + offset_of(a, a.out_strides, it.batch, it.head, token);
+            float* lse_rows = a.lse + offset_of(a, a.lse_strides, it.batch, it.head, token);
+            const float sink = a.sinks ? a.sinks[it.head] : -kInf;
             for (int64_t r = 0; r < rows; ++r) {
-                const float sum = row_sum[r];
+                const float sum = row_sum[r], top_score = row_max[r];
                 // sum >= 1 once any key is visible (the max contributes exp(0)); 0 means none is
-                store_row<kType>(acc.data() + r * ld, D, sum > 0.0f ? 1.0f / sum : 0.0f,
-                                 out_rows + r * a.out_strides.seq);
-                lse_rows[r * a.lse_strides.seq] = sum > 0.0f ? row_max[r] + std::log(sum) : -kInf;
+                float scale = 0.0f, lse = sink;
+                if (sum > 0.0f && !a.sinks) {
+                    scale = 1.0f / sum;
+                    lse = top_score + std::log(sum);
+                } else if (sum > 0.0f) {
+                    // the sink is one more term exp(sink) of the denominator, next to exp(top_score) * sum
+                    scale = 1.0f / (sum + std::exp(sink - top_score));
+                    const float top = std::max(top_score, sink);
+                    lse = top + std::log(sum * std::exp(top_score - top) + std::exp(sink - top));
+                }
+                store_row<kType>(acc.data() + r * ld, D, scale, out_rows + r * a.out_strides.seq);
+                lse_rows[r * a.lse_strides.seq] = lse;
             }
         }
     });
@@ -551,13 +650,16 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) 
     const int64_t D = a.head_dim, ld = round_up(D, kPanelCols), group = a.heads_q / a.heads_kv;
     const int64_t items = a.batch * a.heads_kv;
     const BackwardStep step = backward_step();
+    // sum over the rows of sequence b of exp(sink[h] - lse) * delta at [b][h]: each written by the
+    // one item that owns (b, h / group), summed over b below in a fixed order
+    std::vector<double> sink_terms(a.sinks ? a.batch * a.heads_q : 0, 0.0);
 
     const int64_t work = group * std::max<int64_t>(a.seqlen_q, 1) * std::max<int64_t>(a.seqlen_k, 1) * D;
     for_each_item(items, work, num_threads, [&](const auto& next_item) {
         KeyValueTiles<kType> kv(a, /*for_backward=*/true);
         std::vector<float> q_tile(BLOCK_M * ld), dout_tile(BLOCK_M * ld), lse(BLOCK_M), delta(BLOCK_M),
-            probs(BLOCK_M * BLOCK_N), dscores(BLOCK_M * BLOCK_N), dq_acc(BLOCK_M * ld), key_bias(BLOCK_N), dk_acc,
-            dv_acc;
+            probs(BLOCK_M * BLOCK_N), dscores(BLOCK_M * BLOCK_N), dq_acc(BLOCK_M * ld), key_bias(BLOCK_N),
+            softcap_grad(a.softcap > 0.0f ? BLOCK_M * BLOCK_N : 0), dk_acc, dv_acc;
         for (int64_t item = next_item(); item >= 0; item = next_item()) {
             const int64_t b = item / a.heads_kv, hk = item % a.heads_kv;
             const Sequence seq = sequence_of(a, b);
@@ -566,48 +668,66 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) 
             dv_acc.assign(round_up(seq.len_k, BLOCK_N) * ld, 0.0f);
 
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+                double sink_term = 0.0;
                 for (int64_t row0 = 0; row0 < seq.len_q; row0 += BLOCK_M) {
                     const int64_t rows = std::min(BLOCK_M, seq.len_q - row0), rows_padded = round_up(rows, kPanelRows);
-                    load_rows<kType>(q + offset_of(a, a.q_strides, b, seq, h, row0), a.q_strides.seq, rows,
-                                     rows_padded, D, ld, a.softmax_scale, q_tile.data());
-                    load_rows<kType>(dout + offset_of(a, g.dout_strides, b, seq, h, row0), g.dout_strides.seq, rows,
+                    const int64_t token = seq.first_q + row0;
+                    load_rows<kType>(q + offset_of(a, a.q_strides, b, h, token), a.q_strides.seq, rows, rows_padded,
+                                     D, ld, a.softmax_scale, q_tile.data());
+                    load_rows<kType>(dout + offset_of(a, g.dout_strides, b, h, token), g.dout_strides.seq, rows,
                                      rows_padded, D, ld, 1.0f, dout_tile.data());
-                    const T* out_rows = out + offset_of(a, a.out_strides, b, seq, h, row0);
-                    const float* lse_rows = a.lse + offset_of(a, a.lse_strides, b, seq, h, row0);
+                    const T* out_rows = out + offset_of(a, a.out_strides, b, h, token);
+                    const float* lse_rows = a.lse + offset_of(a, a.lse_strides, b, h, token);
+                    const float* dlse_rows = g.dlse ? g.dlse + offset_of(a, g.dlse_strides, b, h, token) : nullptr;
                     bool any_key = false;
                     for (int64_t r = 0; r < rows_padded; ++r) {
                         const float row_lse = r < rows ? lse_rows[r * a.lse_strides.seq] : -kInf;
                         any_key |= row_lse != -kInf;
                         lse[r] = row_lse == -kInf ? kInf : row_lse;
-                        // delta from the stored (rounded) out, as FlashAttention-2 does
+                        // delta from the stored (rounded) out, as FlashAttention-2 does; a gradient
+                        // into lse enters here (d lse / d s_j = p_j)
                         float dot = 0.0f;
                         if (r < rows) {
                             const T* o = out_rows + r * a.out_strides.seq;
                             for (int64_t i = 0; i < D; ++i) dot += dout_tile[r * ld + i] * Elem<kType>::load(o[i]);
+                            if (dlse_rows) dot -= dlse_rows[r * g.dlse_strides.seq];
+                            if (a.sinks && row_lse != -kInf)
+                                sink_term += std::exp(static_cast<double>(a.sinks[h]) - row_lse) * dot;
                         }
                         delta[r] = dot;
                     }
                     std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
 
-                    const int64_t key_end = any_key ? key_end_of(a, seq, row0, rows) : 0;
-                    kv.prepare(b, seq, hk, key_end);
-                    for (int64_t key0 = 0; key0 < key_end; key0 += BLOCK_N) {
+                    const KeyRange keys = any_key ? key_range_of(a, seq, row0, rows) : KeyRange{0, 0};
+                    kv.prepare(b, seq, hk, keys.end);
+                    for (int64_t key0 = keys.begin; key0 < keys.end; key0 += BLOCK_N) {
                         step({q_tile.data(), dout_tile.data(), lse.data(), delta.data(), kv.k(key0), kv.kt(key0),
                               kv.vt(key0), probs.data(), dscores.data(), dq_acc.data(), dk_acc.data() + key0 * ld,
-                              dv_acc.data() + key0 * ld, rows_padded, D, ld,
-                              score_bias_of(a, seq, b, h, row0, key0, key_bias.data())});
+                              dv_acc.data() + key0 * ld, a.softcap > 0.0f ? softcap_grad.data() : nullptr,
+                              rows_padded, D, ld, score_bias_of(a, seq, b, h, row0, rows, key0, key_bias.data())});
                     }
-                    T* dq_rows = dq + offset_of(a, g.dq_strides, b, seq, h, row0);
+                    tile_steps.fetch_add((keys.end - keys.begin + BLOCK_N - 1) / BLOCK_N, std::memory_order_relaxed);
+                    T* dq_rows = dq + offset_of(a, g.dq_strides, b, h, token);
                     for (int64_t r = 0; r < rows; ++r)
                         store_row<kType>(dq_acc.data() + r * ld, D, a.softmax_scale, dq_rows + r * g.dq_strides.seq);
                 }
+                if (a.sinks) sink_terms[b * a.heads_q + h] = sink_term;
             }
             for (int64_t n = 0; n < seq.len_k; ++n) {
-                store_row<kType>(dk_acc.data() + n * ld, D, 1.0f, dk + offset_of(a, g.dk_strides, b, seq, hk, n));
-                store_row<kType>(dv_acc.data() + n * ld, D, 1.0f, dv + offset_of(a, g.dv_strides, b, seq, hk, n));
+                const int64_t token = seq.first_k + n;
+                store_row<kType>(dk_acc.data() + n * ld, D, 1.0f, dk + offset_of(a, g.dk_strides, b, hk, token));
+                store_row<kType>(dv_acc.data() + n * ld, D, 1.0f, dv + offset_of(a, g.dv_strides, b, hk, token));
             }
         }
     });
+    if (a.sinks) {
+        // d lse / d sink = exp(sink - lse), so dsink = -sum over rows of exp(sink - lse) * delta
+        for (int64_t h = 0; h < a.heads_q; ++h) {
+            double total = 0.0;
+            for (int64_t b = 0; b < a.batch; ++b) total += sink_terms[b * a.heads_q + h];
+            g.dsinks[h] = static_cast<float>(-total);
+        }
+    }
 }
 
 }  // namespace
@@ -624,6 +744,7 @@ void flash_attention_fwd_cpu(const AttentionArgs& args, int num_threads) {
 
 void flash_attention_bwd_cpu(const AttentionArgs& args, const AttentionGrads& grads, int num_threads) {
     check_args(args);
+    if (args.sinks && !grads.dsinks) throw std::invalid_argument("flash_attention_bwd_cpu: sinks need a dsinks output");
     switch (args.dtype) {
         case DType::F32: return backward<DType::F32>(args, grads, num_threads);
         case DType::F16: return backward<DType::F16>(args, grads, num_threads);
@@ -631,5 +752,9 @@ void flash_attention_bwd_cpu(const AttentionArgs& args, const AttentionGrads& gr
     }
     throw std::invalid_argument("flash_attention_bwd_cpu: unknown dtype");
 }
+
+int64_t flash_attention_cpu_tile_steps() { return tile_steps.load(std::memory_order_relaxed); }
+
+bool flash_attention_cpu_force_baseline(bool force) { return force_baseline.exchange(force); }
 
 }  // namespace qk

@@ -2,6 +2,8 @@
 
 fp32 is checked tightly against an fp64 reference; fp16 / bf16 must stay within twice the error
 of the reference itself run in that dtype (both measured against fp64 on the same rounded inputs).
+Gradients come from the reference's written-out backward (tested against autograd in
+test_attention_reference.py), which also covers dsinks and a gradient into lse.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import math
 import pytest
 import torch
 
+import qlora_kernels as qk
 from qlora_kernels._native import native
 from qlora_kernels.backends import attention_cpu
 from qlora_kernels.backends.attention_cpu import flash_attention_bwd_cpu, flash_attention_fwd_cpu
-from qlora_kernels.reference.attention import flash_attention, flash_attention_varlen
+from qlora_kernels.ops import attention as attention_ops
+from qlora_kernels.reference import attention as ref
 
 pytestmark = pytest.mark.skipif(native() is None, reason="native module not built")
 
@@ -54,23 +58,34 @@ def _torch_single_threaded():
         yield
 
 
-def _reference(q, k, v, dout, compute_dtype, cu_seqlens=None, **kw):
-    """(out, lse, dq, dk, dv) of the reference run in compute_dtype on the given inputs."""
-    q, k, v = (t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v))
+def _reference(q, k, v, dout, compute_dtype, cu_seqlens=None, cu_seqlens_k=None, window=(-1, -1), dlse=None,
+               **kw):
+    """(out, lse, dq, dk, dv, dsinks) of the reference run in compute_dtype on the given inputs."""
+    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
+    dout = dout.to(compute_dtype)
+    feats = dict(window_size=window, softcap=kw.pop("softcap", 0.0), sinks=kw.pop("sinks", None))
     if cu_seqlens is None:
-        out, lse = flash_attention(q, k, v, **kw)
+        out, lse = ref.flash_attention(q, k, v, **kw, **feats)
+        grads = ref.flash_attention_backward(dout, q, k, v, **kw, **feats, dlse=dlse)
     else:
-        out, lse = flash_attention_varlen(q, k, v, cu_seqlens, **kw)
-    grads = torch.autograd.grad(out, (q, k, v), dout.to(compute_dtype))
-    return (out.detach(), lse.detach(), *grads)
+        kw.pop("key_padding_mask", None)
+        out, lse = ref.flash_attention_varlen(q, k, v, cu_seqlens, **kw, cu_seqlens_k=cu_seqlens_k, **feats)
+        grads = ref.flash_attention_varlen_backward(dout, q, k, v, cu_seqlens, **kw, cu_seqlens_k=cu_seqlens_k,
+                                                    **feats, dlse=dlse)
+    return (out, lse, *grads)
 
 
-def _kernel(q, k, v, dout, cu_seqlens=None, max_seqlen=None, **kw):
-    with _num_threads(KERNEL_THREADS):
-        out, lse = flash_attention_fwd_cpu(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kw)
-        dq, dk, dv = flash_attention_bwd_cpu(dout, q, k, v, out, lse, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                             **kw)
-    return out, lse, dq, dk, dv
+def _kernel(q, k, v, dout, cu_seqlens=None, cu_seqlens_k=None, window=(-1, -1), dlse=None, threads=KERNEL_THREADS,
+            **kw):
+    """(out, lse, dq, dk, dv, dsinks) of the C++ kernels, run on `threads` threads."""
+    varlen = dict(cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, window_left=window[0], window_right=window[1])
+    with _num_threads(threads):
+        out, lse = flash_attention_fwd_cpu(q, k, v, **varlen, **kw)
+        grads = flash_attention_bwd_cpu(dout, dlse, q, k, v, out, lse, **varlen, **kw)
+    return (out, lse, *grads)
+
+
+NAMES = ("out", "lse", "dq", "dk", "dv", "dsinks")
 
 
 def _error(x, ref):
@@ -81,14 +96,47 @@ def _error(x, ref):
     return (x - ref)[~empty].abs().max().item() if (~empty).any() else 0.0
 
 
-def _check_fp32(q, k, v, dout=None, cu_seqlens=None, max_seqlen=None, **kw):
+def _check_fp32(q, k, v, dout=None, **kw):
     dout = torch.randn(q.shape) if dout is None else dout
-    got = _kernel(q, k, v, dout, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kw)
-    want = _reference(q, k, v, dout, torch.float64, cu_seqlens=cu_seqlens, **kw)
-    for name, x, ref, atol in zip(("out", "lse", "dq", "dk", "dv"), got, want, (FP32_ATOL,) * 2 + (GRAD_ATOL,) * 3):
-        assert x.dtype == (torch.float32 if name == "lse" else q.dtype) and x.shape == ref.shape, name
-        assert _error(x, ref) <= atol, (name, _error(x, ref))
+    got = _kernel(q, k, v, dout, **kw)
+    want = _reference(q, k, v, dout, torch.float64, **kw)
+    for name, x, want_x, atol in zip(NAMES, got, want, (FP32_ATOL,) * 2 + (GRAD_ATOL,) * 4):
+        if name == "dsinks" and want_x is None:
+            assert x is None
+            continue
+        assert x.dtype == (torch.float32 if name in ("lse", "dsinks") else q.dtype), name
+        assert x.shape == want_x.shape, name
+        assert _error(x, want_x) <= atol, (name, _error(x, want_x))
     return got
+
+
+def _dsinks_from_stored_out(out, lse, dout, dlse, sinks, varlen):
+    """dsinks with delta = rowsum(dO * out) formed from the stored (rounded) output, as the kernels
+    (and FlashAttention-2) do; the reference's written-out backward recomputes out in fp32."""
+    delta = (dout.double() * out.double()).sum(-1)
+    delta = delta.transpose(0, 1) if varlen else delta  # [Hq, T] like lse
+    if dlse is not None:
+        delta = delta - dlse.double()
+    sink = sinks.double().view(-1, 1) if varlen else sinks.double().view(1, -1, 1)
+    terms = torch.exp(sink - lse.double()) * delta
+    return -(terms.sum(1) if varlen else terms.sum((0, 2)))
+
+
+def _check_low_precision(q, k, v, **kw):
+    """bf16 / fp16: every output within twice the reference's own error in that dtype."""
+    dout = torch.randn(q.shape).to(q.dtype)
+    got = _kernel(q, k, v, dout, **kw)
+    low = _reference(q, k, v, dout, q.dtype, **kw)
+    exact = _reference(q, k, v, dout, torch.float64, **kw)
+    if kw.get("sinks") is not None:
+        low = (*low[:5], _dsinks_from_stored_out(low[0], low[1], dout, kw.get("dlse"), kw["sinks"],
+                                                 kw.get("cu_seqlens") is not None))
+    eps = 1e-3 if q.dtype == torch.bfloat16 else 1e-4
+    for name, x, ref_low, want in zip(NAMES, got, low, exact):
+        if want is None:
+            continue
+        assert x.dtype == (torch.float32 if name in ("lse", "dsinks") else q.dtype), name
+        assert _error(x, want) <= 2 * _error(ref_low, want) + eps, (name, _error(x, want), _error(ref_low, want))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -102,15 +150,7 @@ def test_fp32_matches_fp64_reference(Sq, Sk, D, causal):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("Sq, Sk, D", [(16, 16, 64), (70, 70, 80), (7, 100, 128)])
 def test_low_precision_within_twice_reference_error(dtype, Sq, Sk, D, causal):
-    q, k, v = _qkv(2, 4, 2, Sq, Sk, D, dtype)
-    dout = torch.randn(q.shape).to(dtype)
-    got = _kernel(q, k, v, dout, causal=causal, alibi_slopes=_alibi(4))
-    low = _reference(q, k, v, dout, dtype, causal=causal, alibi_slopes=_alibi(4))
-    exact = _reference(q, k, v, dout, torch.float64, causal=causal, alibi_slopes=_alibi(4))
-    eps = 1e-3 if dtype == torch.bfloat16 else 1e-4
-    for name, x, ref_low, ref in zip(("out", "lse", "dq", "dk", "dv"), got, low, exact):
-        assert x.dtype == (torch.float32 if name == "lse" else dtype), name
-        assert _error(x, ref) <= 2 * _error(ref_low, ref) + eps, (name, _error(x, ref), _error(ref_low, ref))
+    _check_low_precision(*_qkv(2, 4, 2, Sq, Sk, D, dtype), causal=causal, alibi_slopes=_alibi(4))
 
 
 @pytest.mark.parametrize("Hq, Hkv", [(8, 2), (4, 1)])
@@ -125,7 +165,7 @@ def test_key_padding_mask_with_fully_padded_row(causal):
     q, k, v = _qkv(3, 4, 2, 16, 40, 64)
     mask = torch.rand(3, 40) > 0.3
     mask[1] = False  # sequence 1 has no key at all
-    out, lse, dq, dk, dv = _check_fp32(q, k, v, causal=causal, alibi_slopes=_alibi(4), key_padding_mask=mask)
+    out, lse, dq, dk, dv, _ = _check_fp32(q, k, v, causal=causal, alibi_slopes=_alibi(4), key_padding_mask=mask)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and bool((lse[1] == -math.inf).all())
     for grad in (dq, dk, dv):
         assert bool(torch.isfinite(grad).all())
@@ -142,9 +182,9 @@ def test_strided_inputs_match_contiguous():
     v = torch.randn(B, S, Hkv, D).transpose(1, 2)
     dout = torch.randn(B, S, Hq, D).transpose(1, 2)
     assert attention_cpu._unit_stride_head_dim(q) is q  # read in place, no copy
-    out, lse, dq, dk, dv = got = _check_fp32(q, k, v, dout, alibi_slopes=_alibi(Hq))
+    out, lse, dq, dk, dv, _ = got = _check_fp32(q, k, v, dout, alibi_slopes=_alibi(Hq))
     want = _kernel(q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), alibi_slopes=_alibi(Hq))
-    for x, y in zip(got, want):
+    for x, y in zip(got[:5], want[:5]):
         assert torch.equal(x, y)
     assert out.is_contiguous() and lse.is_contiguous()
     assert dq.stride() == q.stride() and dk.stride() == k.stride() and dv.stride() == v.stride()
@@ -159,8 +199,7 @@ def test_varlen_packed_sequences(causal):
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     T, Hq, Hkv, D = sum(lengths), 4, 2, 64
     q, k, v = torch.randn(T, Hq, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
-    out, lse, *_ = _check_fp32(q, k, v, cu_seqlens=cu_seqlens, causal=causal, alibi_slopes=_alibi(Hq),
-                               max_seqlen=max(lengths))
+    out, lse, *_ = _check_fp32(q, k, v, cu_seqlens=cu_seqlens, causal=causal, alibi_slopes=_alibi(Hq))
     assert out.shape == (T, Hq, D) and lse.shape == (Hq, T)
 
 
@@ -170,12 +209,12 @@ def test_empty_rows_and_sequences():
     assert bool((lse[..., :15] == -math.inf).all()) and torch.equal(dq[..., :15, :], torch.zeros(1, 2, 15, 16))
     # no keys at all
     q, k, v = _qkv(2, 2, 1, 3, 0, 16)
-    out, lse, dq, dk, dv = _kernel(q, k, v, torch.randn(q.shape))
+    out, lse, dq, dk, dv, _ = _kernel(q, k, v, torch.randn(q.shape))
     assert torch.equal(out, torch.zeros_like(out)) and bool((lse == -math.inf).all())
     assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape and dv.shape == v.shape
     # no queries: dK / dV are zero
     q, k, v = _qkv(2, 2, 1, 0, 9, 16)
-    out, lse, dq, dk, dv = _kernel(q, k, v, torch.randn(q.shape))
+    out, lse, dq, dk, dv, _ = _kernel(q, k, v, torch.randn(q.shape))
     assert out.shape == q.shape and torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
 
 
@@ -184,27 +223,223 @@ def test_head_dim_extremes(D):
     _check_fp32(*_qkv(1, 2, 1, 9, 70, D), causal=True)
 
 
-def test_thread_count_does_not_change_results():
+@pytest.mark.parametrize("features", [
+    dict(alibi_slopes=_alibi(4)),
+    dict(window=(40, 0), softcap=3.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), dlse=torch.randn(1, 4, 130)),
+])
+def test_thread_count_does_not_change_results(features):
     q, k, v = _qkv(1, 4, 2, 130, 130, 64)
     dout = torch.randn(q.shape)
-    with _num_threads(1):
-        one = _kernel(q, k, v, dout, alibi_slopes=_alibi(4))
-    with _num_threads(3):
-        many = _kernel(q, k, v, dout, alibi_slopes=_alibi(4))
-    for x, y in zip(one, many):
-        assert torch.equal(x, y)
+    one = _kernel(q, k, v, dout, threads=1, **features)
+    for threads in (2, 3):
+        many = _kernel(q, k, v, dout, threads=threads, **features)
+        for x, y in zip(one, many):
+            assert (x is None and y is None) or torch.equal(x, y)
 
 
-def test_invalid_sizes_raise():
+def test_sizes_the_memory_safety_needs_raise():
+    # ops.attention.check_args validates everything first on the op path; the kernels themselves
+    # still refuse what would read or write outside the tensors
     with pytest.raises(ValueError, match="head_dim"):
         flash_attention_fwd_cpu(*_qkv(1, 1, 1, 4, 4, 257))
     with pytest.raises(ValueError, match="multiple of heads_kv"):
         flash_attention_fwd_cpu(*_qkv(1, 3, 2, 4, 4, 16))
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        q = torch.randn(10, 2, 16)
+    q = torch.randn(10, 2, 16)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end"):
         flash_attention_fwd_cpu(q, q, q, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0 and end"):
+        flash_attention_fwd_cpu(q, q[:7], q[:7], cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32),
+                                cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="pass cu_seqlens_k"):
+        flash_attention_fwd_cpu(q, q[:7], q[:7], cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match="dtype"):
         flash_attention_fwd_cpu(*_qkv(1, 1, 1, 4, 4, 16, torch.float64))
+
+
+def test_op_validates_before_the_kernel():
+    q, k, v = _qkv(1, 2, 1, 4, 4, 16)
+    args = dict(causal=True, softmax_scale=0.25, alibi_slopes=None, key_padding_mask=None, cu_seqlens=None,
+                max_seqlen=0, cu_seqlens_k=None, max_seqlen_k=0, window_left=-1, window_right=-1, softcap=0.0,
+                sinks=None)
+    with pytest.raises(ValueError, match=r"window_size\[0\]"):
+        attention_ops.flash_attention_fwd(q, k, v, **{**args, "window_left": -2})
+    with pytest.raises(ValueError, match="softcap"):
+        attention_ops.flash_attention_fwd(q, k, v, **{**args, "softcap": -1.0})
+    with pytest.raises(ValueError, match="sinks"):
+        attention_ops.flash_attention_fwd(q, k, v, **{**args, "sinks": torch.zeros(3)})
+
+
+# --- windows, softcap, sinks, keys packed apart, a gradient into lse --------------------------
+
+WINDOWS = [
+    (True, (16, -1)),   # causal sliding window (Mistral): left only
+    (True, (0, 0)),     # the diagonal alone
+    (True, (70, 5)),    # causal caps the right side
+    (False, (0, 0)),
+    (False, (20, 9)),
+    (False, (-1, 3)),   # right only
+    (False, (33, -1)),  # left only, unbounded right
+]
+
+
+@pytest.mark.parametrize("causal, window", WINDOWS)
+@pytest.mark.parametrize("Sq, Sk", [(200, 200), (70, 150), (150, 70)])
+def test_sliding_window_matches_reference(causal, window, Sq, Sk):
+    _check_fp32(*_qkv(1, 4, 2, Sq, Sk, 32), causal=causal, window=window)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_with_alibi_gqa_and_padding(causal):
+    q, k, v = _qkv(2, 8, 2, 90, 130, 64)
+    mask = torch.rand(2, 130) > 0.2
+    _check_fp32(q, k, v, causal=causal, window=(24, 24), alibi_slopes=_alibi(8), key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("softcap", [0.7, 5.0, 50.0])
+def test_softcap_matches_reference(causal, softcap):
+    # softmax_scale 1 with head dim 64: scores up to ~30, deep into tanh's saturation at 0.7 / 5
+    _check_fp32(*_qkv(2, 4, 2, 70, 100, 64), causal=causal, softcap=softcap, softmax_scale=1.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_softcap_before_symmetric_alibi(causal):
+    _check_fp32(*_qkv(1, 4, 1, 33, 80, 16), causal=causal, softcap=2.0, alibi_slopes=_alibi(4))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sinks_forward_backward_and_dsinks(causal):
+    sinks = torch.tensor([0.5, -1.0, 3.0, 0.0])
+    out, lse, dq, dk, dv, dsinks = _check_fp32(*_qkv(2, 4, 2, 70, 90, 64), causal=causal, sinks=sinks)
+    assert dsinks.shape == (4,) and bool((dsinks != 0).all())
+
+
+def test_sinks_rows_without_keys():
+    # Sq > Sk causal: the first 15 rows see no key; they get out 0, lse = sink, zero dq, and their
+    # delta (-dlse, as out is 0) still reaches dsinks
+    sinks = torch.tensor([0.5, -1.0])
+    dlse = torch.randn(1, 2, 20)
+    out, lse, dq, *_ = _check_fp32(*_qkv(1, 2, 1, 20, 5, 16), causal=True, sinks=sinks, dlse=dlse)
+    assert torch.equal(out[..., :15, :], torch.zeros(1, 2, 15, 16))
+    assert torch.equal(lse[0, :, :15], sinks[:, None].expand(2, 15))
+    assert torch.equal(dq[..., :15, :], torch.zeros(1, 2, 15, 16))
+
+
+@pytest.mark.parametrize("features", [dict(), dict(sinks=torch.tensor([0.3, -0.2, 1.0, 0.1])),
+                                      dict(window=(10, 0), softcap=2.0, alibi_slopes=_alibi(4))])
+def test_gradient_into_lse(features):
+    q, k, v = _qkv(2, 4, 2, 70, 70, 32)
+    _check_fp32(q, k, v, dlse=torch.randn(2, 4, 70), **features)
+
+
+def _packed(lengths, H, D):
+    return torch.randn(sum(lengths), H, D), torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()],
+                                                         dtype=torch.int32)
+
+
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (8, -1)), (False, (5, 3))])
+def test_varlen_keys_packed_apart(causal, window):
+    # per sequence (queries, keys): decode-like, chunked prefill, more queries than keys, no
+    # queries, no keys, one query and one key
+    lengths_q, lengths_k = (1, 40, 70, 0, 5, 1), (90, 100, 30, 7, 0, 1)
+    Hq, Hkv, D = 4, 2, 32
+    q, cu_q = _packed(lengths_q, Hq, D)
+    k, cu_k = _packed(lengths_k, Hkv, D)
+    v = torch.randn(k.shape)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    out, lse, dq, dk, dv, _ = _check_fp32(
+        q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k, causal=causal, window=window, alibi_slopes=_alibi(Hq),
+        sinks=sinks, softcap=4.0, dlse=torch.randn(Hq, sum(lengths_q)))
+    assert out.shape == q.shape and lse.shape == (Hq, sum(lengths_q)) and dk.shape == k.shape
+    # the sequence without keys: out 0, lse = sink; the one without queries: dK, dV 0
+    assert torch.equal(out[111:116], torch.zeros(5, Hq, D))
+    assert torch.equal(lse[:, 111:116], sinks[:, None].expand(Hq, 5))
+    assert torch.equal(dk[220:227], torch.zeros(7, Hkv, D)) and torch.equal(dv[220:227], torch.zeros(7, Hkv, D))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_features_within_twice_reference_error(dtype):
+    q, k, v = _qkv(2, 4, 2, 100, 130, 64, dtype)
+    _check_low_precision(q, k, v, causal=True, window=(32, 0), softcap=5.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]),
+                         alibi_slopes=_alibi(4), dlse=torch.randn(2, 4, 100))
+    lengths_q, lengths_k = (3, 60, 0), (70, 60, 9)
+    q, cu_q = _packed(lengths_q, 4, 64)
+    k, cu_k = _packed(lengths_k, 2, 64)
+    _check_low_precision(q.to(dtype), k.to(dtype), torch.randn(k.shape).to(dtype), cu_seqlens=cu_q, cu_seqlens_k=cu_k,
+                         causal=False, window=(16, 16), softcap=3.0, sinks=torch.tensor([0.1, 0.2, -0.3, 1.0]))
+
+
+def test_baseline_isa_gets_every_feature():
+    """The tile steps compiled for the baseline ISA (any x86-64) against the reference, whatever
+    this CPU runs by default."""
+    features = dict(causal=False, window=(20, 9), softcap=3.0, alibi_slopes=_alibi(4),
+                    sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), dlse=torch.randn(1, 4, 100))
+    previous = native().flash_attention_cpu_force_baseline(True)
+    try:
+        _check_fp32(*_qkv(1, 4, 2, 100, 130, 48), **features)
+    finally:
+        native().flash_attention_cpu_force_baseline(previous)
+
+
+def _tile_steps(fn):
+    before = native().flash_attention_cpu_tile_steps()
+    fn()
+    return native().flash_attention_cpu_tile_steps() - before
+
+
+def _visible_tiles(Sq, Sk, causal, window, heads):
+    """64 x 64 (query block, key block) tiles with at least one visible key, per the reference's mask."""
+    keep = ref.keep_mask(Sq, Sk, causal, window)
+    return heads * sum(int(keep[i:i + 64, j:j + 64].any()) for i in range(0, Sq, 64) for j in range(0, Sk, 64))
+
+
+@pytest.mark.parametrize("causal, window", [(True, (256, -1)), (False, (100, 30)), (True, (-1, -1)),
+                                            (False, (-1, -1))])
+def test_only_tiles_with_visible_keys_are_computed(causal, window):
+    """The kernels skip every key block no row of a query block can see: they run exactly the tiles
+    the mask leaves something in, forward and backward. So a sliding window's work grows with
+    S * W, not S^2."""
+    steps = {}
+    for S in (1024, 2048):
+        q, k, v = _qkv(1, 2, 1, S, S, 16)
+        dout = torch.randn(q.shape)
+        kw = dict(causal=causal, window_left=window[0], window_right=window[1])
+        with _num_threads(2):
+            fwd = []
+            forward = _tile_steps(lambda: fwd.extend(flash_attention_fwd_cpu(q, k, v, **kw)))
+            backward = _tile_steps(lambda: flash_attention_bwd_cpu(dout, None, q, k, v, *fwd, **kw))
+        assert forward == backward == _visible_tiles(S, S, causal, window, 2), (S, forward, backward)
+        steps[S] = forward
+    growth = steps[2048] / steps[1024]
+    if window[0] >= 0:
+        assert growth < 2.2, steps  # linear in S at a fixed window
+    else:
+        assert growth > 3.5, steps
+
+
+def test_op_runs_the_kernel_for_every_feature():
+    """flash_attention on CPU tensors computes windows, softcap, sinks, keys packed apart and lse
+    gradients in the C++ kernels, not by a fallback."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 4, 2, 100, 100, 32))
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], requires_grad=True)
+    outputs = []
+    feats = dict(window_size=(30, 0), softcap=5.0, sinks=sinks, return_lse=True)
+    assert _tile_steps(lambda: outputs.extend(qk.flash_attention(q, k, v, **feats))) > 0
+    out, lse = outputs
+    assert _tile_steps(lambda: (out.sum() + lse.sum()).backward()) > 0
+    want, want_lse = ref.flash_attention(q, k, v, True, None, window_size=(30, 0), softcap=5.0, sinks=sinks)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    grads = (q.grad, k.grad, v.grad, sinks.grad)
+    wanted = torch.autograd.grad(want.sum() + want_lse.sum(), (q, k, v, sinks))
+    for g, w in zip(grads, wanted):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    # keys packed apart from queries
+    lengths_q, lengths_k = (3, 20), (50, 20)
+    qp, cu_q = _packed(lengths_q, 4, 32)
+    kp, cu_k = _packed(lengths_k, 2, 32)
+    assert _tile_steps(lambda: qk.flash_attention(qp, kp, kp, cu_seqlens=cu_q, max_seqlen=20, cu_seqlens_k=cu_k,
+                                                  max_seqlen_k=50)) > 0
 
 
 def _peak_rss() -> int:

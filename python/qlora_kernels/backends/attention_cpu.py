@@ -1,6 +1,7 @@
 """CPU flash attention: the C++ kernels of csrc/attention_cpu.cpp, through qlora_kernels._C.
 
-Plain functions (op registration lives elsewhere) with the semantics of reference/attention.py.
+Plain functions (op registration lives in cpu.py) with the semantics of reference/attention.py;
+they trust their arguments, which ops.attention.check_args has validated.
 Dense layout: q [B, Hq, Sq, D], k / v [B, Hkv, Sk, D] with any strides (HF's `.transpose(1, 2)`
 views are read in place), lse [B, Hq, Sq]. Varlen layout (cu_seqlens given): q / k / v [T, H, D],
 lse [Hq, T]. out and lse (fp32) are contiguous; dq / dk / dv keep their input's strides.
@@ -52,30 +53,8 @@ def _ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr() if t is not None else 0
 
 
-def _check(q, k, v, alibi_slopes, key_padding_mask, cu_seqlens) -> None:
-    # the kernels trust these sizes: anything inconsistent here would be an out-of-bounds read
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if any(t.device.type != "cpu" for t in (q, k, v)):
-        raise ValueError("flash_attention_cpu needs CPU tensors")
-    rank = 3 if cu_seqlens is not None else 4
-    if q.dim() != rank or k.dim() != rank or k.shape != v.shape:
-        raise ValueError(f"expected rank-{rank} q and k, v of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
-    heads_q = q.shape[-2] if cu_seqlens is not None else q.shape[1]
-    if alibi_slopes is not None and alibi_slopes.numel() != heads_q:
-        raise ValueError(f"alibi_slopes needs {heads_q} values, got {alibi_slopes.numel()}")
-    if key_padding_mask is not None:
-        if cu_seqlens is not None:
-            raise ValueError("key_padding_mask cannot be combined with cu_seqlens")
-        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding_mask must be [B, Sk] = {(k.shape[0], k.shape[2])}, "
-                             f"got {tuple(key_padding_mask.shape)}")
-
-
-def _launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens):
+def _launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, cu_seqlens_k,
+                 window_left, window_right, softcap, sinks):
     """Keyword arguments shared by the forward and backward bindings. The tensors behind the side
     inputs' addresses must outlive the call: callers keep them (see _side_inputs)."""
     varlen = cu_seqlens is not None
@@ -89,20 +68,21 @@ def _launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_pad
         lse=lse.data_ptr(), lse_strides=_lse_strides(lse, varlen), dtype=dtype_tag(q.dtype), batch=batch,
         heads_q=heads_q, heads_kv=heads_kv, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim,
         softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim),
-        causal=bool(causal), alibi_slopes=_ptr(alibi_slopes), key_padding_mask=_ptr(key_padding_mask),
-        cu_seqlens=_ptr(cu_seqlens), num_threads=torch.get_num_threads(),
+        causal=bool(causal), window_left=int(window_left), window_right=int(window_right), softcap=float(softcap),
+        alibi_slopes=_ptr(alibi_slopes), sinks=_ptr(sinks), key_padding_mask=_ptr(key_padding_mask),
+        cu_seqlens=_ptr(cu_seqlens), cu_seqlens_k=_ptr(cu_seqlens_k), num_threads=torch.get_num_threads(),
     )
 
 
-def _side_inputs(alibi_slopes, key_padding_mask, cu_seqlens):
-    """The kernels' formats: fp32 slopes, uint8 mask (1 = attend), int32 offsets; contiguous, CPU."""
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.detach().to("cpu", torch.float32).contiguous()
+def _side_inputs(alibi_slopes, sinks, key_padding_mask, cu_seqlens, cu_seqlens_k):
+    """The kernels' formats: fp32 slopes and sinks, uint8 mask (1 = attend), int32 offsets;
+    contiguous (ops.attention.check_args has checked dtypes, shapes and devices)."""
+    alibi_slopes, sinks = (t.detach().to(torch.float32).contiguous() if t is not None else None
+                           for t in (alibi_slopes, sinks))
     if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.to("cpu", torch.bool).to(torch.uint8).contiguous()
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to("cpu", torch.int32).contiguous()
-    return alibi_slopes, key_padding_mask, cu_seqlens
+        key_padding_mask = key_padding_mask.to(torch.uint8).contiguous()
+    cu_seqlens, cu_seqlens_k = (t.contiguous() if t is not None else None for t in (cu_seqlens, cu_seqlens_k))
+    return alibi_slopes, sinks, key_padding_mask, cu_seqlens, cu_seqlens_k
 
 
 def flash_attention_fwd_cpu(
@@ -115,24 +95,33 @@ def flash_attention_fwd_cpu(
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out like q, contiguous; lse fp32 [B, Hq, Sq] or varlen [Hq, T]).
+    """(out like q, contiguous; lse fp32 [B, Hq, Sq] or varlen [Hq, Tq]).
 
-    max_seqlen is accepted for parity with the CUDA kernels; the CPU kernel reads the lengths
-    from cu_seqlens.
+    The arguments are those of ops.attention.flash_attention_fwd, already validated by its
+    check_args. max_seqlen / max_seqlen_k are accepted for parity with the CUDA kernels; the CPU
+    kernel reads the lengths from the offsets.
     """
-    _check(q, k, v, alibi_slopes, key_padding_mask, cu_seqlens)
     q, k, v = (_unit_stride_head_dim(t) for t in (q, k, v))
-    alibi_slopes, key_padding_mask, cu_seqlens = _side_inputs(alibi_slopes, key_padding_mask, cu_seqlens)
+    side = _side_inputs(alibi_slopes, sinks, key_padding_mask, cu_seqlens, cu_seqlens_k)
+    alibi_slopes, sinks, key_padding_mask, cu_seqlens, cu_seqlens_k = side
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
-    _native().flash_attention_fwd_cpu(
-        **_launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens))
+    _native().flash_attention_fwd_cpu(**_launch_args(
+        q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, cu_seqlens_k,
+        window_left, window_right, softcap, sinks))
     return out, lse
 
 
 def flash_attention_bwd_cpu(
     dout: torch.Tensor,
+    dlse: torch.Tensor | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -144,21 +133,29 @@ def flash_attention_bwd_cpu(
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in q's dtype, strided like q, k, v; out and lse are the forward's results."""
-    _check(q, k, v, alibi_slopes, key_padding_mask, cu_seqlens)
-    if dout.shape != q.shape or out.shape != q.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
-        raise ValueError("dout and out must have q's shape and dtype")
-    lse_shape = _lse_shape(q, cu_seqlens is not None)
-    if tuple(lse.shape) != lse_shape:
-        raise ValueError(f"lse must be {lse_shape}, got {tuple(lse.shape)}")
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dsinks): gradients in q's dtype, strided like q, k, v; dsinks fp32 [Hq], None
+    without sinks. out and lse are the forward's results; dlse (like lse, or None) is the gradient
+    flowing into lse. Arguments validated by ops.attention.check_backward_args."""
     dq, dk, dv = (_grad_like(t) for t in (q, k, v))
     dout, q, k, v, out = (_unit_stride_head_dim(t) for t in (dout, q, k, v, out))
     lse = lse.to(torch.float32)
-    alibi_slopes, key_padding_mask, cu_seqlens = _side_inputs(alibi_slopes, key_padding_mask, cu_seqlens)
+    dlse = dlse.to(torch.float32) if dlse is not None else None
+    side = _side_inputs(alibi_slopes, sinks, key_padding_mask, cu_seqlens, cu_seqlens_k)
+    alibi_slopes, sinks, key_padding_mask, cu_seqlens, cu_seqlens_k = side
+    dsinks = torch.empty(q.shape[1], dtype=torch.float32) if sinks is not None else None  # [B|T, Hq, ...]
     varlen = cu_seqlens is not None
     _native().flash_attention_bwd_cpu(
-        dout=dout.data_ptr(), dout_strides=_strides(dout, varlen), dq=dq.data_ptr(), dq_strides=_strides(dq, varlen),
-        dk=dk.data_ptr(), dk_strides=_strides(dk, varlen), dv=dv.data_ptr(), dv_strides=_strides(dv, varlen),
-        **_launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens))
-    return dq, dk, dv
+        dout=dout.data_ptr(), dout_strides=_strides(dout, varlen), dlse=_ptr(dlse),
+        dlse_strides=_lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0), dq=dq.data_ptr(),
+        dq_strides=_strides(dq, varlen), dk=dk.data_ptr(), dk_strides=_strides(dk, varlen), dv=dv.data_ptr(),
+        dv_strides=_strides(dv, varlen), dsinks=_ptr(dsinks),
+        **_launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens,
+                       cu_seqlens_k, window_left, window_right, softcap, sinks))
+    return dq, dk, dv, dsinks
