@@ -1,5 +1,5 @@
 """Triton flash-decoding with sliding windows, logit softcap and attention sinks against
-`reference.attention`.
+`reference.attention`, and the CUDA backend's routing of such decode calls to it.
 
 fp32 is compared tightly against an fp64 reference; fp16 / bf16 get the honest tolerance:
 the kernel's error against fp64 at most twice that of the same math done in the low dtype
@@ -15,6 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from qlora_kernels.backends import cuda as glue  # noqa: E402
 from qlora_kernels.reference import attention as ref  # noqa: E402
 from qlora_kernels.triton import flash_decode  # noqa: E402
 from qlora_kernels.triton.flash_decode import flash_decode_triton  # noqa: E402
@@ -224,3 +225,22 @@ def test_num_splits_must_be_positive():
     with pytest.raises(ValueError, match=r"num_splits must be a positive int or None, got 0"):
         flash_decode_triton(q, k, v, num_splits=0)
 
+
+@pytest.mark.parametrize("features", (("window40",), ("softcap",), ("sinks",), ("window5", "softcap", "sinks")),
+                         ids=("window", "softcap", "sinks", "all"))
+def test_backend_routes_windowed_softcap_sinks_decode_to_the_decode_kernel(monkeypatch, features):
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args)
+        return flash_decode_triton(*args, **kwargs)
+
+    monkeypatch.setattr(flash_decode, "flash_decode_triton", recording)
+    q, k, v = _qkv(1, glue.DECODE_MIN_KEYS, torch.float32)
+    kw = dict(dict(window_left=-1, softcap=0.0, sinks=None), **_features(features, Sk=glue.DECODE_MIN_KEYS))
+    out, lse = glue.triton_flash_attention_fwd(q, k, v, True, 0.2, None, None, None, 0, None, 0, kw["window_left"],
+                                               -1, kw["softcap"], kw["sinks"])
+    assert len(calls) == 1
+    want_out, want_lse = _reference(q.double(), k.double(), v.double(), softmax_scale=0.2, **kw)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=0)

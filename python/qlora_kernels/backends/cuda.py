@@ -101,12 +101,14 @@ def triton_flash_attention_fwd(q, k, v, causal, softmax_scale, alibi_slopes, key
     args = (q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
             max_seqlen_k, window_left, window_right, softcap, sinks)
     attention_ops.check_args(*args)
-    if attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks):
-        return attention_ops.reference_forward(*args)
+    # the decode kernel implements every feature of a dense causal call (window, softcap, sinks too)
     if cu_seqlens is None and causal and q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS:
         from ..triton.flash_decode import flash_decode_triton
 
-        return flash_decode_triton(q, k, v, softmax_scale, alibi_slopes, key_padding_mask)
+        return flash_decode_triton(q, k, v, softmax_scale, alibi_slopes, key_padding_mask, window_left, window_right,
+                                   softcap, sinks)
+    if attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks):
+        return attention_ops.reference_forward(*args)
     from ..triton.flash_attention import flash_attention_fwd_triton
 
     return flash_attention_fwd_triton(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens,
