@@ -20,6 +20,7 @@ import qlora_kernels as qk
 from qlora_kernels.modules import NF4Linear
 
 from helpers import DEVICES, assert_within_twice_stock_error
+from test_lora_any_model import OpCalls
 from test_attention_models import make
 
 FAMILIES = ["llama", "opt", "bloom"]
@@ -218,7 +219,8 @@ def test_unsupported_architecture_strict_and_not_strict():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4))
     model = add_lora(gpt2)
-    with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: llama .*opt .*bloom"):
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: llama .*opt .*bloom.*"
+                                         r"patch\(model, attention=False\).*strict=False"):
         qk.patch(model)
     assert qk.patch_report(model) is None
     assert not any("forward" in m.__dict__ for m in model.modules())
@@ -226,10 +228,13 @@ def test_unsupported_architecture_strict_and_not_strict():
         qk.patch(model, strict=False)
     report = qk.patch_report(model)
     assert report.attention is None and report.skipped
-    # GPT-2's Conv1D layers are fan_in_fan_out: patched, they take PEFT's forward
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    assert len(report.lora_layers) == 4
+    with warnings.catch_warnings(record=True) as caught, OpCalls() as calls:
+        warnings.simplefilter("always")
         model(batch(), labels=batch()).loss.backward()
+    # GPT-2's Conv1D layers ran the fused op, each once forward and once backward
+    assert calls.calls["lora_linear_fwd"] == 4 == calls.calls["lora_linear_bwd"], calls.calls
+    assert not [w for w in caught if "qlora_kernels" in str(w.message)]
 
 
 def test_bad_arguments():

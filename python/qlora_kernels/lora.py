@@ -19,6 +19,14 @@ def _nf4_args(packed: torch.Tensor, state: NF4QuantState):
             state.nested_blocksize)
 
 
+def _row_or_column_major(weight: torch.Tensor) -> torch.Tensor:
+    # every backend reads W [out, in] in either layout in place, so a GPT-2 Conv1D weight, stored
+    # [in, out] and passed as its transpose, is not copied at each call
+    if weight.is_contiguous() or weight.t().is_contiguous():
+        return weight
+    return weight.contiguous()
+
+
 def _capturing_cuda_graph() -> bool:
     # torch.compile traces, it does not capture; a CPU-only torch raises on the capture query,
     # and no stream can be capturing before CUDA is initialized
@@ -38,7 +46,9 @@ def lora_linear(
 ) -> torch.Tensor:
     """x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ in one pass (PEFT's `lora.Linear` forward).
 
-    `weight`: a dense [out, in] tensor (frozen), an `NF4Linear`, or `(packed, NF4QuantState)`.
+    `weight`: a dense [out, in] tensor (frozen; row-major, or the transpose of a row-major
+    [in, out] one such as a GPT-2 `Conv1D` weight, read in place), an `NF4Linear`, or
+    `(packed, NF4QuantState)`.
     `lora_A` [r, in], `lora_B` [out, r] as PEFT stores them; `scaling` is alpha / r (or
     alpha / sqrt(r) for rsLoRA). Dropout (only when `training` and `dropout_p` > 0) is drawn
     in-kernel from a seed taken from torch's default generator, so `torch.manual_seed` makes
@@ -61,7 +71,7 @@ def lora_linear(
         if weight.requires_grad and torch.is_grad_enabled():
             raise ValueError("lora_linear trains only the adapter: the base weight must be frozen (requires_grad=False)")
         out_features, in_features = weight.shape
-        weight_args = (weight.to(x.dtype).contiguous(), None, None, None, None, None, 0, 0)
+        weight_args = (_row_or_column_major(weight.to(x.dtype)), None, None, None, None, None, 0, 0)
         device = weight.device
     else:
         raise TypeError(f"weight must be a tensor, an NF4Linear or (packed, NF4QuantState), got {type(weight).__name__}")

@@ -1,12 +1,13 @@
 """Run PEFT's LoRA layers through the fused `lora_linear` op, on the same Parameters.
 
-Patched: PEFT `lora.Linear` (over nn.Linear or our NF4Linear) and PEFT's bitsandbytes
-`Linear4bit` LoRA layer (over an NF4 `Linear4bit`, its bytes read in place). The layer keeps
-its PEFT class and Parameters: adapter switching, `disable_adapter()`, merging, saving work
-as before. A call the kernel does not cover (several active adapters, mixed-batch adapter
-names, DoRA and other variants, fan_in_fan_out, a trainable base weight, merged weights)
-takes PEFT's own forward; combinations that are a configuration rather than a mode
-(several adapters, variants, fan_in_fan_out) warn once.
+Patched, in any architecture: PEFT `lora.Linear` (over nn.Linear, our NF4Linear, or a GPT-2
+style `Conv1D`, whose [in, out] weight goes to the op as its transpose, a view) and PEFT's
+bitsandbytes `Linear4bit` LoRA layer (over an NF4 `Linear4bit`, its bytes read in place). The
+layer keeps its PEFT class and Parameters: adapter switching, `disable_adapter()`, merging,
+saving work as before. A call the kernel does not cover (several active adapters, mixed-batch
+adapter names, DoRA and other variants, a trainable base weight, merged weights) takes PEFT's
+own forward; combinations that are a configuration rather than a mode (several adapters,
+variants) warn once.
 
 PEFT merges into a dense or bitsandbytes base by itself; into an NF4Linear base the patched
 layer merges as bitsandbytes does: dequantize, add the LoRA delta, requantize (lossy).
@@ -52,12 +53,22 @@ def _bnb_state(base):
     return base.weight.data, nf4_state_from_bnb(qs)
 
 
+def _is_conv1d(base) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return type(base) is Conv1D
+
+
 def _base_weight(base):
     """(weight argument of lora_linear, compute dtype or None for x's) or None when not fusable."""
     if isinstance(base, NF4Linear):
         return base, base.compute_dtype
     if type(base) is nn.Linear:
         return (None if base.weight.requires_grad else base.weight), None
+    if _is_conv1d(base):  # y = x·W + b with W stored [in, out] (PEFT's fan_in_fan_out)
+        return (None if base.weight.requires_grad else base.weight.t()), None
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -75,13 +86,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _warn_once("multi", "several active LoRA adapters are not fused")
     if plain and len(active) == 1 and active[0] in self.lora_variant:
         _warn_once("variant", f"LoRA variant {type(self.lora_variant[active[0]]).__name__} is not fused")
-    if plain and getattr(self, "fan_in_fan_out", False):
-        _warn_once("fan_in_fan_out", "fan_in_fan_out (Conv1D) weights are not fused")
     base = self.get_base_layer()
     resolved = _base_weight(base) if plain and len(active) == 1 else None
     dropout = self.lora_dropout[active[0]] if active else None
     if (resolved is None or resolved[0] is None or active[0] in self.lora_variant
-            or getattr(self, "fan_in_fan_out", False) or not isinstance(dropout, (nn.Dropout, nn.Identity))):
+            or not isinstance(dropout, (nn.Dropout, nn.Identity))):
         return type(self).forward(self, x, *args, **kwargs)
     weight, compute_dtype = resolved
     adapter = active[0]

@@ -1,12 +1,14 @@
 """`patch(model)` / `unpatch(model)`: the two lines a user adds to a QLoRA script.
 
-patch puts together the pieces of this package on a Hugging Face Llama, OPT or Bloom model,
-plain or wrapped by PEFT:
+patch puts together the pieces of this package on a Hugging Face model, plain or wrapped by
+PEFT:
 
-- attention -> flash_attention, per model family (patching/families.py);
+- attention -> flash_attention, per model family (patching/families.py; `attention=False` on
+  the others);
 - `quantize="nf4"`: nn.Linear base layers -> NF4Linear (never lm_head or LoRA's own weights);
 - on a model that holds PEFT LoRA layers: bitsandbytes NF4 `Linear4bit` -> NF4Linear (same
-  bytes, shared) and the LoRA layers -> the fused lora_linear op (patching/lora.py).
+  bytes, shared) and the LoRA layers -> the fused lora_linear op (patching/lora.py), in any
+  architecture: decoders, encoders (BERT, DistilBERT), GPT-2's Conv1D layers.
 
 Called before `get_peft_model`, the bitsandbytes layers stay `Linear4bit`: PEFT has to see
 them to wrap them (it cannot wrap an NF4Linear), and `prepare_model_for_kbit_training` has
@@ -83,17 +85,9 @@ def _has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, classes) for m in model.modules())
 
 
-def _first_block(model: nn.Module) -> nn.Module:
-    # PEFT calls the wrapped model's .forward() directly, which skips that module's hooks; the
-    # decoder blocks are always called through __call__.
-    for name, module in model.named_modules():
-        if name.endswith((".layers.0", ".h.0")):
-            return module
-    return model
-
-
 def _fuse_on_first_forward(root: nn.Module, report: PatchReport) -> None:
     ref = weakref.ref(root)
+    handles = []
 
     def hook(module, args):
         if torch.compiler.is_compiling():  # no module surgery inside a traced graph
@@ -107,18 +101,23 @@ def _fuse_on_first_forward(root: nn.Module, report: PatchReport) -> None:
             return
         report.lora_layers += patch_lora(model)
         report.lora_pending = False
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
-    handle = _first_block(root).register_forward_pre_hook(hook)
-    root._qlora_kernels_hook = handle
+    # not on root itself: a caller may run its .forward() as a method (PEFT's AdaLoRA tuner does),
+    # which skips root's own hooks. That forward calls its submodules through __call__, so
+    # whichever child runs first fuses, whatever the architecture names its blocks
+    handles += [child.register_forward_pre_hook(hook) for child in list(root.children()) or [root]]
+    root._qlora_kernels_hooks = handles
     report.lora_pending = True
 
 
 def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize: str | None = None,
           strict: bool = True) -> nn.Module:
-    """Route `model` (HF Llama / OPT / Bloom, plain or PEFT-wrapped) through qlora_kernels.
+    """Route `model` (a Hugging Face model, plain or PEFT-wrapped) through qlora_kernels.
 
-    attention: flash_attention in every attention layer.
+    attention: flash_attention in every attention layer, for the model types in SUPPORTED;
+        attention=False leaves attention stock and patches the rest on any architecture.
     lora: PEFT LoRA layers -> fused base + LoRA op; their bitsandbytes NF4 bases -> NF4Linear
         (same bytes). Before get_peft_model: fused at the first forward (see the module doc).
     quantize: None, or "nf4" to quantize the nn.Linear base layers (blocksize 64, double
@@ -144,12 +143,16 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
         what = f"model_type {model_type!r}" if hf is not None else f"{type(model).__name__} (not a transformers model)"
         skipped.append(f"attention: {what} is not supported; supported: " +
                        ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
+        ways_out = ("patch(model, attention=False) keeps stock attention and fuses the LoRA layers, which work on "
+                    "any architecture; strict=False patches the rest and warns")
+    else:
+        ways_out = "strict=False patches the rest and warns"
     lora_here = lora and _has_lora(root)
     bnb_layers = bnb_linear4bit_layers(root) if lora_here else []
     unconvertible = [(n, why) for n, m in bnb_layers if (why := why_not_convertible(m))]
     skipped += [f"{n}: {why}; left to bitsandbytes" for n, why in unconvertible]
     if skipped and strict:
-        raise ValueError("qlora_kernels.patch: " + "; ".join(skipped) + " (strict=False patches the rest)")
+        raise ValueError("qlora_kernels.patch: " + "; ".join(skipped) + f" ({ways_out})")
 
     report.family = model_type if supported else report.family
     if attention and supported:
@@ -166,7 +169,7 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
         convert_bnb_layers(root, convertible)
         report.converted += [n for n, _ in convertible]
         report.lora_layers += patch_lora(root)
-    elif lora and "_qlora_kernels_hook" not in root.__dict__:
+    elif lora and "_qlora_kernels_hooks" not in root.__dict__:
         _fuse_on_first_forward(root, report)
     report.skipped += skipped
     if skipped:
@@ -190,8 +193,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     report = root.__dict__.pop(_REPORT, None)
     if report is None:
         return model
-    handle = root.__dict__.pop("_qlora_kernels_hook", None)
-    if handle is not None:
+    for handle in root.__dict__.pop("_qlora_kernels_hooks", ()):
         handle.remove()
     unpatch_lora(model)
     if hf is not None and report.attention is not None:
