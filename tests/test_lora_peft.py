@@ -12,10 +12,12 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, BloomConfig, 
 
 import qlora_kernels as qk
 from qlora_kernels.ops.lora import keep_mask_cpu
+from qlora_kernels.patching import lora as patching_lora
 from qlora_kernels.patching.lora import patch_lora, unpatch_lora
 from qlora_kernels.reference import lora as ref
 
 from helpers import grad_error
+from test_lora_any_model import OpCalls
 
 
 def base_model(family, dtype=torch.float32):
@@ -135,20 +137,26 @@ def test_adapters_disable_merge_and_save(tmp_path):
         torch.testing.assert_close(merged(ids).logits, want_default, atol=1e-4, rtol=1e-4)
 
 
-def test_several_active_adapters_fall_back_with_one_warning():
+def test_several_active_adapters_fall_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(patching_lora, "_warned", set())  # warned once per process: none yet
     model = lora(base_model("llama")).eval()
     model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    model.base_model.set_adapter(["default", "other"])
+    for name, p in model.named_parameters():
+        if "lora_B.other" in name:  # the second adapter changes the output
+            nn.init.normal_(p, std=0.1)
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
+        first_only = model(ids).logits
+        model.base_model.set_adapter(["default", "other"])
         want = model(ids).logits
+        assert not torch.allclose(want, first_only, atol=1e-3)
         patch_lora(model)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, OpCalls() as calls:
             warnings.simplefilter("always")
             got = model(ids).logits
             model(ids)
-    assert torch.equal(got, want)
-    assert len([w for w in caught if "several active LoRA adapters" in str(w.message)]) <= 1
+    assert torch.equal(got, want) and not calls.calls  # PEFT's forward, the fused op never ran
+    assert len([w for w in caught if "several active LoRA adapters" in str(w.message)]) == 1
 
 
 def test_dropout_uses_a_reproducible_seeded_mask():
