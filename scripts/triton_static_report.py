@@ -210,18 +210,23 @@ def _attention_case(dtype_name: str, head_dim: int, alibi: bool = True, padding:
     return Case(f"{dtype_name} {' '.join(flags)}", dtype_name, run)
 
 
-def _decode_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bool = True) -> Case:
-    """One new token per sequence against a 1000-key cache, GQA group 4, the keys cut in 6 splits."""
+def _decode_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bool = True,
+                 window_softcap_sinks: bool = True) -> Case:
+    """One new token per sequence against a 1000-key cache, GQA group 4, the keys cut in 6 splits;
+    with `window_softcap_sinks` a 600-key sliding window, logit softcap and attention sinks."""
     dtype = getattr(torch, dtype_name)
     B, heads_kv, Sk = 2, 2, 1000
 
     def run():
         q = _empty(B, 1, heads_kv * 4, head_dim, dtype=dtype).transpose(1, 2)
         k, v = (_empty(B, heads_kv, Sk, head_dim, dtype=dtype) for _ in range(2))
+        features = (dict(window_left=600, softcap=50.0, sinks=_empty(heads_kv * 4, dtype=torch.float32))
+                    if window_softcap_sinks else {})
         flash_decode_triton(q, k, v, None, _empty(heads_kv * 4, dtype=torch.float32) if alibi else None,
-                            torch.ones(B, Sk, dtype=torch.bool) if padding else None, num_splits=6)
+                            torch.ones(B, Sk, dtype=torch.bool) if padding else None, num_splits=6, **features)
 
     flags = [f"D{head_dim}"] + ["alibi"] * alibi + ["padding"] * padding
+    flags += ["window softcap sinks"] * window_softcap_sinks
     return Case(f"{dtype_name} decode {' '.join(flags)}", dtype_name, run)
 
 
@@ -249,7 +254,7 @@ def cases(full: bool) -> list[Case]:
                     for group in (1, 4):
                         out += [_attention_case(dtype, d, alibi, alibi, group),
                                 _attention_case(dtype, d, alibi, False, group, varlen=True)]
-                out += [_attention_case(dtype, d, causal=False), _decode_case(dtype, d, False, False),
+                out += [_attention_case(dtype, d, causal=False), _decode_case(dtype, d, False, False, False),
                         _decode_case(dtype, d)]
         return out
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
