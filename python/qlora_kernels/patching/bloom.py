@@ -2,6 +2,8 @@
 
 Bloom does not use transformers' attention interface: its attention forward is replaced per
 module (ALiBi in-kernel from per-head slopes, `layer_past` caches) and restored on unpatch.
+It gives what stock Bloom gives, also where the kernels' conventions differ from it: a static
+cache's empty slots (patching/kv_cache.py) and queries that see no key (left padding).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import flash_attention
+from .kv_cache import keys_seen_by_queries
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -47,6 +50,32 @@ def _key_padding_from_4d(mask: Tensor | None, kv_length: int) -> Tensor | None:
     return last if last.dtype == torch.bool else last == 0
 
 
+def _as_stock_where_no_key_is_seen(out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                                   key_padding_mask: Tensor, softmax_scale: float) -> Tensor:
+    """`out` [B, H, Sq, D] of the kernels (keys aligned bottom-right, key_padding_mask [B, n])
+    with stock Bloom's value in the rows whose query sees no key: the left pads, the last of
+    which predicts the first token in a causal LM loss.
+
+    Stock Bloom adds the dtype's minimum to masked scores, which absorbs them: such a row's
+    softmax is uniform over all the layer's keys (key / value [B, H, N, D], a static cache's
+    empty slots included), its output the mean of the values, and autograd still sends its
+    gradient through the scores as through softmax at uniform probabilities:
+    d out_i / d s_ij = (v_j - v_mean) / N. The fix-up below has that value and those gradients
+    without an S x S matrix: g_i = scale / N * q_i K^T (V - v_mean), where V is detached
+    (values only get the mean's gradient) and g - g.detach() is 0 in the forward. Which rows
+    are found on the device, so nothing waits for it and the graph compiles."""
+    seq_q, seq_k, n = query.shape[2], key_padding_mask.shape[-1], key.shape[2]
+    seen = key_padding_mask.int().cumsum(dim=1) > 0  # some key up to this slot is attended
+    has_key = seen[:, seq_k - seq_q:, None]  # [B, Sq, 1]: the query's own slot, bottom-right
+    mean = value.float().mean(dim=2, keepdim=True)
+    fix = mean
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        centered = (value.float() - mean).detach()
+        g = query.float() @ (key.float().transpose(-1, -2) @ centered) * (softmax_scale / n)
+        fix = mean + (g - g.detach())
+    return torch.where(has_key[:, None], out, fix.to(out.dtype))
+
+
 def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
                              output_attentions=False, **kwargs):
     if output_attentions or (self.training and self.attention_dropout.p > 0) or (
@@ -57,11 +86,18 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
 
     batch_size, q_length, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # [B, H, S, D] views
+    last_slot = None
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    out = flash_attention(query, key, value, causal=True, softmax_scale=self.inv_norm_factor,
+        # an int, or a device tensor for a static cache
+        last_slot = layer_past.get_seq_length(self.layer_idx) - 1
+    key_padding_mask = _key_padding_from_4d(attention_mask, key.shape[2])
+    keys, values, key_padding_mask = keys_seen_by_queries(key, value, key_padding_mask, q_length, last_slot)
+    out = flash_attention(query, keys, values, causal=True, softmax_scale=self.inv_norm_factor,
                           alibi_slopes=_alibi_slopes_on(self.num_heads, hidden_states.device),
-                          key_padding_mask=_key_padding_from_4d(attention_mask, key.shape[2]))
+                          key_padding_mask=key_padding_mask)
+    if key_padding_mask is not None:
+        out = _as_stock_where_no_key_is_seen(out, query, key, value, key_padding_mask, self.inv_norm_factor)
     context = out.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
     output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
     return output, None
