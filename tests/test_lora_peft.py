@@ -159,6 +159,21 @@ def test_several_active_adapters_fall_back_with_one_warning(monkeypatch):
     assert len([w for w in caught if "several active LoRA adapters" in str(w.message)]) == 1
 
 
+def test_dora_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(patching_lora, "_warned", set())
+    model = lora(base_model("llama"), use_dora=True).train()
+    ids = torch.randint(0, 128, (2, 9))
+    want_logits, want_grads = run(model, ids)
+    patch_lora(model)
+    with warnings.catch_warnings(record=True) as caught, OpCalls() as calls:
+        warnings.simplefilter("always")
+        logits, grads = run(model, ids)
+        run(model, ids)
+    assert torch.equal(logits, want_logits) and not calls.calls  # PEFT's DoRA forward
+    assert grads.keys() == want_grads.keys() and all(torch.equal(grads[n], want_grads[n]) for n in grads)
+    assert len([w for w in caught if "LoRA variant DoraLinearVariant is not fused" in str(w.message)]) == 1
+
+
 def test_dropout_uses_a_reproducible_seeded_mask():
     torch.manual_seed(0)
     layer = nn.Linear(96, 48)
