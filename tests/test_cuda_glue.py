@@ -24,6 +24,9 @@ from qlora_kernels.triton import lora as triton_lora  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+NO_FEATURES = (None, 0, -1, -1, 0.0, None)  # cu_seqlens_k, max_seqlen_k, window (left, right), softcap, sinks
+
+
 @pytest.mark.parametrize("seq_q", [3, 24])
 def test_attention_glue_matches_reference(seq_q):
     torch.manual_seed(0)
@@ -32,16 +35,52 @@ def test_attention_glue_matches_reference(seq_q):
     mask = torch.ones(2, 300, dtype=torch.bool, device=DEVICE)
     mask[1, :7] = False
     slopes = torch.rand(4, device=DEVICE)
-    out, lse = glue.triton_flash_attention_fwd(q, k, v, True, 0.2, slopes, mask, None, 0)
+    out, lse = glue.triton_flash_attention_fwd(q, k, v, True, 0.2, slopes, mask, None, 0, *NO_FEATURES)
     want, want_lse = R.attention.flash_attention(q, k, v, True, 0.2, slopes, mask)
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=1e-4)
     dout = torch.randn_like(out)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # a transposed view, like HF's
-    grads = glue.triton_flash_attention_bwd(dout, qt, k, v, out, lse, True, 0.2, slopes, mask, None, 0)
+    grads = glue.triton_flash_attention_bwd(dout, None, qt, k, v, out, lse, True, 0.2, slopes, mask, None, 0,
+                                            *NO_FEATURES)
     assert grads[0].stride() == qt.stride()
-    for g, w in zip(grads, R.attention.flash_attention_backward(dout, q, k, v, True, 0.2, slopes, mask)):
+    assert grads[3].shape == (0,) and grads[3].dtype == torch.float32  # no sinks, no gradient for them
+    for g, w in zip(grads, R.attention.flash_attention_backward(dout, q, k, v, True, 0.2, slopes, mask)[:3]):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_attention_glue_passes_every_feature(varlen):
+    # window, softcap, sinks (bf16, as a model may hold them), ALiBi without the causal mask, a
+    # gradient into lse and keys packed apart from queries reach the kernels, in the op's order
+    g = torch.Generator().manual_seed(0)
+    Hq, Hkv, D = 4, 2, 32
+    if varlen:
+        cu_seqlens = torch.tensor([0, 5, 17], dtype=torch.int32, device=DEVICE)
+        cu_seqlens_k = torch.tensor([0, 9, 19], dtype=torch.int32, device=DEVICE)
+        q = torch.randn(17, Hq, D, generator=g).to(DEVICE)
+        k, v = (torch.randn(19, Hkv, D, generator=g).to(DEVICE) for _ in range(2))
+        packing = (cu_seqlens, 12, cu_seqlens_k, 10)
+        lse_shape = (Hq, 17)
+    else:
+        q = torch.randn(2, Hq, 12, D, generator=g).to(DEVICE)
+        k, v = (torch.randn(2, Hkv, 20, D, generator=g).to(DEVICE) for _ in range(2))
+        packing = (None, 0, None, 0)
+        lse_shape = (2, Hq, 12)
+    cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k = packing
+    slopes = torch.rand(Hq, generator=g).to(DEVICE)
+    sinks = torch.randn(Hq, generator=g).to(DEVICE, torch.bfloat16)
+    args = (False, 0.2, slopes, None, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, 6, 2, 1.5, sinks)
+    out, lse = glue.triton_flash_attention_fwd(q, k, v, *args)
+    want, want_lse = attention_ops.reference_forward(q, k, v, *args)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=1e-4)
+    dout, dlse = torch.randn(out.shape, generator=g).to(DEVICE), torch.randn(lse_shape, generator=g).to(DEVICE)
+    grads = glue.triton_flash_attention_bwd(dout, dlse, q, k, v, out, lse, *args)
+    wants = attention_ops.reference_backward(dout, dlse, q, k, v, out, lse, *args)
+    for got, want, what in zip(grads, wants, ("dq", "dk", "dv", "dsinks")):
+        assert got.dtype == want.dtype == torch.float32, what
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=what)
 
 
 @pytest.mark.parametrize("nf4", [False, True])
@@ -151,13 +190,14 @@ def test_triton_attention_launches_on_the_inputs_device(current_device, monkeypa
     monkeypatch.setattr(flash_attention, "flash_attention_fwd_triton", _recording(seen, current_device, "fwd"))
     monkeypatch.setattr(flash_decode, "flash_decode_triton", _recording(seen, current_device, "decode"))
     monkeypatch.setattr(flash_attention, "flash_attention_bwd_triton",
-                        _recording(seen, current_device, lambda dout, q, k, v, *rest: (q, k, v)))
+                        _recording(seen, current_device, lambda dout, q, k, v, *rest: (q, k, v, None)))
     monkeypatch.setattr(attention_ops, "grads_like_inputs", lambda inputs, grads: grads)
     q, k, v = _on_cuda1((1, 2, 24, 16), (1, 2, 300, 16), (1, 2, 300, 16))
     q1 = _on_cuda1((1, 2, 1, 16))[0]
-    assert glue.triton_flash_attention_fwd(q, k, v, True, 0.25, None, None, None, 0) == "fwd"
-    assert glue.triton_flash_attention_fwd(q1, k, v, True, 0.25, None, None, None, 0) == "decode"
-    glue.triton_flash_attention_bwd(q, q, k, v, q, q, True, 0.25, None, None, None, 0)
+    (lse,) = _on_cuda1((1, 2, 24), dtype=torch.float32)
+    assert glue.triton_flash_attention_fwd(q, k, v, True, 0.25, None, None, None, 0, *NO_FEATURES) == "fwd"
+    assert glue.triton_flash_attention_fwd(q1, k, v, True, 0.25, None, None, None, 0, *NO_FEATURES) == "decode"
+    glue.triton_flash_attention_bwd(q, None, q, k, v, q, lse, True, 0.25, None, None, None, 0, *NO_FEATURES)
     assert seen == [[torch.device("cuda:1")]] * 3
 
 

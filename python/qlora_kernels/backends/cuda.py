@@ -19,7 +19,7 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
-from .common import DTYPE_TAGS, as_bytes, attention_kernels_lack, dtype_tag, dynamic_lut, kernel, nested_pointers
+from .common import DTYPE_TAGS, as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
 from .lora_dequant_mm import absmax_operands, lora_backward_dequant_mm, lora_forward_dequant_mm, nf4_dequantize_into
 
 _C = native()
@@ -101,18 +101,18 @@ def triton_flash_attention_fwd(q, k, v, causal, softmax_scale, alibi_slopes, key
     args = (q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
             max_seqlen_k, window_left, window_right, softcap, sinks)
     attention_ops.check_args(*args)
-    # the decode kernel implements every feature of a dense causal call (window, softcap, sinks too)
-    if cu_seqlens is None and causal and q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS:
+    # the decode kernel implements every feature of a causal call (window, softcap, sinks, packed caches)
+    if causal and (q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS if cu_seqlens is None
+                   else max_seqlen <= DECODE_MAX_QUERIES and max_seqlen_k >= DECODE_MIN_KEYS):
         from ..triton.flash_decode import flash_decode_triton
 
         return flash_decode_triton(q, k, v, softmax_scale, alibi_slopes, key_padding_mask, window_left, window_right,
-                                   softcap, sinks)
-    if attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks):
-        return attention_ops.reference_forward(*args)
+                                   softcap, sinks, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     from ..triton.flash_attention import flash_attention_fwd_triton
 
     return flash_attention_fwd_triton(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens,
-                                      max_seqlen or None)
+                                      max_seqlen or None, cu_seqlens_k, max_seqlen_k or None, window_left,
+                                      window_right, softcap, sinks)
 
 
 @cuda_kernel(attention_ops.flash_attention_bwd, "Triton")
@@ -122,13 +122,13 @@ def triton_flash_attention_bwd(dout, dlse, q, k, v, out, lse, causal, softmax_sc
     args = (causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
             window_left, window_right, softcap, sinks)
     attention_ops.check_backward_args(dout, dlse, q, out, lse, k, v, *args)
-    if attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks, dlse):
-        return attention_ops.reference_backward(dout, dlse, q, k, v, out, lse, *args)
     from ..triton.flash_attention import flash_attention_bwd_triton
 
-    grads = flash_attention_bwd_triton(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes,
-                                       key_padding_mask, cu_seqlens, max_seqlen or None)
-    return (*attention_ops.grads_like_inputs((q, k, v), grads), attention_ops.no_sinks_grad(q))
+    *grads, dsinks = flash_attention_bwd_triton(dout, q, k, v, out, lse, causal, softmax_scale, alibi_slopes,
+                                                key_padding_mask, cu_seqlens, max_seqlen or None, cu_seqlens_k,
+                                                max_seqlen_k or None, window_left, window_right, softcap, sinks, dlse)
+    return (*attention_ops.grads_like_inputs((q, k, v), grads), attention_ops.no_sinks_grad(q) if dsinks is None
+            else dsinks)
 
 
 def nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K, dtype):

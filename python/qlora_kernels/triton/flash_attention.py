@@ -1,15 +1,23 @@
 """Triton flash attention (FlashAttention-2): forward and backward, dense and varlen.
 
-Semantics are those of `qlora_kernels.reference.attention` (GQA, bottom-right causal,
-in-kernel ALiBi, key_padding_mask, empty rows -> out 0 / lse -inf / zero grads, varlen).
+Semantics are those of `qlora_kernels.reference.attention` (GQA, bottom-right alignment,
+causal mask and sliding window, logit softcap, symmetric ALiBi, attention sinks,
+key_padding_mask, varlen with keys packed apart from queries, empty rows -> out 0 /
+lse -inf (the sink with sinks) / zero grads, a gradient into lse). The launchers trust
+their arguments: `ops.attention.check_args` validated them.
 
 Numerics:
 
 * Base-2 softmax. The launcher folds log2(e) into the score scale (and the kernels into
-  the ALiBi slope), so every exponential is one `exp2` (ex2.approx on NVIDIA) rather than
-  `exp` = exp2 of a product. Running maxima and the recomputation in the backward live
-  in that base-2 domain; lse is converted to the natural log when stored and back (times
-  log2(e)) when the backward reads it.
+  the ALiBi slope and the sinks), so every exponential is one `exp2` (ex2.approx on
+  NVIDIA) rather than `exp` = exp2 of a product. Running maxima and the recomputation in
+  the backward live in that base-2 domain; lse is converted to the natural log when stored
+  and back (times log2(e)) when the backward reads it.
+* Softcap acts on the natural-log score: the launcher then passes qk_scale = scale /
+  softcap, and the kernels compute softcap·log2(e) · tanh(q.k · qk_scale); the backward
+  recomputes tanh for dS ⊙= 1 − tanh².
+* Sinks: a row's online softmax starts from the sink as if it were one more key with no
+  value (m = sink, l = 1), so lse includes it and a row with no key gets out 0, lse = sink.
 * Matmuls accumulate in fp32. P and dS are cast to the input dtype before their matmuls,
   as FlashAttention does. fp32 inputs use IEEE fp32 dots, not tf32, so the fp32 path
   stays accurate to ~1e-6.
@@ -19,18 +27,25 @@ Numerics:
   exactly 0 there and those rows add nothing to dQ, dK or dV.
 
 Structure. The forward runs one program per (query block, q head, sequence). The
-backward (FA2 tutorial style, no atomics at all) is three kernels: delta = rowsum(dO * O);
+backward (FA2 tutorial style, no atomics at all) is three kernels: delta = rowsum(dO * O)
+- dlse (and each row's sink term exp(sink - lse) · delta, summed into dsinks by torch);
 one program per (key block, kv head, sequence) that loops over the q heads of its GQA
 group and their query blocks to own dK/dV; one program per (query block, q head,
-sequence) for dQ. Every loop runs in two stages: blocks that need no score mask, then
-the causal-diagonal / sequence-end blocks with masks; blocks entirely above the causal
-diagonal are never visited.
+sequence) for dQ.
+
+Block skipping. Row i sits at position r = i + Sk - Sq and sees keys j with
+r - left <= j <= r + right (causal: right = 0; -1: unbounded). A query block visits only
+the key blocks [lo, hi) that hold a key some row of it sees (`_key_range`), a key block
+only the query blocks [lo, hi) with a row that sees one of its keys (`_query_range`), so a
+windowed layer costs S·W, not S². Inside, the blocks that every row sees entirely run
+without per-element masks; only the edge blocks (window edges, causal diagonal, sequence
+ends) are masked.
 
 Layout: kernels take batch, head and sequence strides, so `.transpose(1, 2)` views are
 read in place; the head dim must be unit-stride (vectorized loads), and a tensor with
 another last stride is copied. Varlen tensors are [T, H, D] with a zero batch stride:
-each program finds its sequence's first row in cu_seqlens. Head dims up to 256 are padded
-to BLOCK_D (a power of two, >= 16) with masks.
+each program finds its sequence's first query row in cu_seqlens and first key row in
+cu_seqlens_k. Head dims up to 256 are padded to BLOCK_D (a power of two, >= 16) with masks.
 
 Interpreter (TRITON_INTERPRET=1): its `tl.dot` gives wrong results on bf16 operands and
 its fp32 -> bf16 cast truncates, so under the `INTERPRET` constexpr (set by the launcher)
@@ -54,8 +69,6 @@ __all__ = ["flash_attention_fwd_triton", "flash_attention_bwd_triton"]
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Config(NamedTuple):
@@ -67,8 +80,8 @@ class _Config(NamedTuple):
 
 # fp16/bf16, keyed by kernel and BLOCK_D. Not timed on hardware: each entry compiles for
 # sm_80 and sm_90 (Triton 3.6 and 3.9) without register spills and inside sm_86's 101,376
-# bytes of shared memory, with and without ALiBi / key padding / GQA
-# (scripts/triton_static_report.py, checked by tests/test_triton_compile.py). sm_80's
+# bytes of shared memory, with and without ALiBi / key padding / GQA / window / softcap /
+# sinks (scripts/triton_static_report.py, checked by tests/test_triton_compile.py). sm_80's
 # tensor-core dots need more registers than sm_90's, which is what bounds most entries.
 # dK/dV keeps K, V and two fp32 accumulators of BLOCK_N x BLOCK_D per program, so it takes
 # narrow query steps; a wide key block still cuts the Q / dO traffic per key. dQ is the
@@ -111,6 +124,15 @@ def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    # through exp2 (one ex2.approx on NVIDIA): libdevice's tanh does not run under the
+    # interpreter. exp2(-2|x| log2 e) stays in (0, 1], so nothing overflows.
+    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
 def _load_rows(base, rows, stride_row, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """[len(rows), BLOCK_D] tile; rows past `seqlen` and columns past HEAD_DIM read 0."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -143,70 +165,120 @@ def _load_lse2(lse_base, rows, stride_lm, seqlen_q):
 
 
 @triton.jit
-def _sequence(cu_seqlens, seq, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
-    """(first row, seqlen_q, seqlen_k) of sequence `seq`; dense tensors start at row 0."""
+def _sequence(cu_seqlens, cu_seqlens_k, seq, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first query row, first key row, seqlen_q, seqlen_k) of sequence `seq`; dense
+    tensors start at row 0."""
     if IS_VARLEN:
-        start = tl.load(cu_seqlens + seq).to(tl.int64)
-        end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-        # varlen is self-attention: queries and keys are the same rows
-        seqlen_q = (end - start).to(tl.int32)
-        seqlen_k = seqlen_q
+        start_q = tl.load(cu_seqlens + seq).to(tl.int64)
+        seqlen_q = (tl.load(cu_seqlens + seq + 1).to(tl.int64) - start_q).to(tl.int32)
+        start_k = tl.load(cu_seqlens_k + seq).to(tl.int64)
+        seqlen_k = (tl.load(cu_seqlens_k + seq + 1).to(tl.int64) - start_k).to(tl.int32)
     else:
-        start = tl.zeros([], dtype=tl.int64)
-    return start, seqlen_q, seqlen_k
+        start_q = tl.zeros([], dtype=tl.int64)
+        start_k = tl.zeros([], dtype=tl.int64)
+    return start_q, start_k, seqlen_q, seqlen_k
 
 
 @triton.jit
-def _scores(qk, pos_q, pos_k, seqlen_k, qk_scale, slope2, mask_base, stride_mn,
-            MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Base-2 scores from raw q.k: scale, ALiBi, then -inf where a key may not be seen.
+def _scores(qk, pos_q, pos_k, seqlen_k, qk_scale, softcap2, slope2, window_left, window_right, mask_base,
+            stride_mn, MASK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr):
+    """(base-2 scores, softcap's tanh) from raw q.k: scale (and cap), ALiBi, then -inf
+    where a key may not be seen. The tanh is what the backward's dS needs (q.k without
+    softcap, unused).
 
     `pos_q` (query positions, i + Sk - Sq) and `pos_k` (key indices) broadcast against
     `qk`, so the same code serves [queries, keys] and transposed [keys, queries] tiles.
-    MASK adds the causal and sequence-end masks; blocks that need neither skip them.
+    MASK adds the window (causal: right = 0) and sequence-end masks; blocks every row sees
+    entirely skip them.
     """
-    s = qk * qk_scale
+    if SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        s = t * softcap2
+    else:
+        t = qk
+        s = qk * qk_scale
     if HAS_ALIBI:
-        s += slope2 * (pos_k - pos_q).to(tl.float32)
+        s -= slope2 * tl.abs(pos_k - pos_q).to(tl.float32)
     if MASK:
         keep = pos_k < seqlen_k
-        if CAUSAL:
-            keep = keep & (pos_k <= pos_q)
+        if RIGHT:
+            keep = keep & (pos_k <= pos_q + window_right)
+        if LEFT:
+            keep = keep & (pos_k >= pos_q - window_left)
         s = tl.where(keep, s, float("-inf"))
     if HAS_KPM:
         attend = tl.load(mask_base + pos_k * stride_mn, mask=pos_k < seqlen_k, other=0)
         s = tl.where(attend != 0, s, float("-inf"))
-    return s
+    return s, t
 
 
 @triton.jit
-def _key_range(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M): (unmasked_hi, hi) such that keys
-    [0, hi) hold every visible key and [0, unmasked_hi), whole BLOCK_N blocks, are visible
-    to every row (no mask needed there)."""
+def _clamp_stages(lo, unmasked_lo, unmasked_hi, hi):
+    """Stage bounds with lo <= unmasked_lo <= unmasked_hi <= hi (a block range seen by no
+    row collapses to empty stages)."""
+    unmasked_lo = tl.minimum(tl.maximum(unmasked_lo, lo), hi)
+    unmasked_hi = tl.minimum(tl.maximum(unmasked_hi, unmasked_lo), hi)
+    return lo, unmasked_lo, unmasked_hi, hi
+
+
+@triton.jit
+def _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): keys [lo, hi) hold every key one of
+    them sees, and the whole BLOCK_N blocks of [unmasked_lo, unmasked_hi) are seen by all
+    of them (no mask there). lo, unmasked_lo and unmasked_hi lie on the BLOCK_N grid."""
+    first = start_m + seqlen_k - seqlen_q  # positions of the block's first and last valid row
+    last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1 + seqlen_k - seqlen_q
+    lo = 0
+    unmasked_lo = 0
     hi = seqlen_k
     unmasked_hi = seqlen_k
-    if CAUSAL:
-        first_pos = start_m + seqlen_k - seqlen_q
-        hi = tl.minimum(hi, tl.maximum(first_pos + BLOCK_M, 0))
-        unmasked_hi = tl.minimum(unmasked_hi, tl.maximum(first_pos + 1, 0))
-    unmasked_hi = unmasked_hi // BLOCK_N * BLOCK_N
-    return unmasked_hi, hi
+    if LEFT:
+        lo = tl.maximum(first - window_left, 0) // BLOCK_N * BLOCK_N
+        unmasked_lo = tl.cdiv(tl.maximum(last - window_left, 0), BLOCK_N) * BLOCK_N
+    if RIGHT:
+        hi = tl.minimum(hi, tl.maximum(last + window_right + 1, 0))
+        unmasked_hi = tl.minimum(unmasked_hi, tl.maximum(first + window_right + 1, 0))
+    return _clamp_stages(lo, unmasked_lo, unmasked_hi // BLOCK_N * BLOCK_N, hi)
+
+
+@triton.jit
+def _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For keys [start_n, start_n + BLOCK_N): query rows [lo, hi) hold every row that sees
+    one of them, and the BLOCK_M blocks of [unmasked_lo, unmasked_hi) see all of them (rows
+    past the end read lse +inf, so P = 0 there: they need no mask either). lo and
+    unmasked_lo lie on the BLOCK_M grid, unmasked_hi too unless it is seqlen_q."""
+    diag = seqlen_k - seqlen_q
+    last_n = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1  # the block's last valid key
+    lo = 0
+    unmasked_lo = 0
+    hi = seqlen_q
+    unmasked_hi = seqlen_q
+    if RIGHT:
+        lo = tl.maximum(start_n - window_right - diag, 0) // BLOCK_M * BLOCK_M
+        unmasked_lo = tl.cdiv(tl.maximum(last_n - window_right - diag, 0), BLOCK_M) * BLOCK_M
+    if LEFT:
+        hi = tl.minimum(hi, tl.maximum(last_n + window_left - diag + 1, 0))
+        seen_to = start_n + window_left - diag + 1  # rows before it see the block's first key
+        unmasked_hi = tl.where(seen_to >= seqlen_q, seqlen_q, tl.maximum(seen_to, 0) // BLOCK_M * BLOCK_M)
+    return _clamp_stages(lo, unmasked_lo, unmasked_hi, hi)
 
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn, lo, hi,
-               pos_q, seqlen_k, qk_scale, slope2,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+               pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left, window_right,
+               MASK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k_t = _load_rows_t(k_base, cols, stride_kn, seqlen_k, HEAD_DIM, BLOCK_D)
-        s = _scores(_dot(q, k_t, INPUT_PRECISION, INTERPRET), pos_q[:, None], cols[None, :], seqlen_k,
-                    qk_scale, slope2, mask_base, stride_mn, MASK, CAUSAL, HAS_ALIBI, HAS_KPM)
+        s, _ = _scores(_dot(q, k_t, INPUT_PRECISION, INTERPRET), pos_q[:, None], cols[None, :], seqlen_k,
+                       qk_scale, softcap2, slope2, window_left, window_right, mask_base, stride_mn,
+                       MASK, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -220,25 +292,26 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, mask_base
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Slopes, KeyMask, cu_seqlens,
+    Q, K, V, Out, Lse, Slopes, KeyMask, Sinks, cu_seqlens, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, group, qk_scale,
+    seqlen_q, seqlen_k, group, qk_scale, softcap2, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     # int64 bases: batch * stride and the varlen row offset can pass 2**31
     head = tl.program_id(1).to(tl.int64)
     seq = tl.program_id(2).to(tl.int64)
-    start, seqlen_q, seqlen_k = _sequence(cu_seqlens, seq, seqlen_q, seqlen_k, IS_VARLEN)
+    start_q, start_k, seqlen_q, seqlen_k = _sequence(cu_seqlens, cu_seqlens_k, seq, seqlen_q, seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     kv_head = head // group
-    q_base = Q + seq * stride_qb + head * stride_qh + start * stride_qm
-    k_base = K + seq * stride_kb + kv_head * stride_kh + start * stride_kn
-    v_base = V + seq * stride_vb + kv_head * stride_vh + start * stride_vn
+    q_base = Q + seq * stride_qb + head * stride_qh + start_q * stride_qm
+    k_base = K + seq * stride_kb + kv_head * stride_kh + start_k * stride_kn
+    v_base = V + seq * stride_vb + kv_head * stride_vh + start_k * stride_vn
     mask_base = KeyMask + seq * stride_mb
     slope2 = 0.0
     if HAS_ALIBI:
@@ -248,54 +321,79 @@ def _fwd_kernel(
     pos_q = rows + (seqlen_k - seqlen_q)
     q = _load_rows(q_base, rows, stride_qm, seqlen_q, HEAD_DIM, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    unmasked_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    if HAS_SINKS:
+        # the sink is the first "key": its logit, weight 1, no value
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(Sinks + head) * LOG2E
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, LEFT,
+                                                  RIGHT, BLOCK_M, BLOCK_N)
+    if LEFT:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn,
+                                   lo, unmasked_lo, pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left,
+                                   window_right, True, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, INPUT_PRECISION, INTERPRET)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn,
-                               0, unmasked_hi, pos_q, seqlen_k, qk_scale, slope2, False, CAUSAL, HAS_ALIBI,
-                               HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, INTERPRET)
+                               unmasked_lo, unmasked_hi, pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left,
+                               window_right, False, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, INPUT_PRECISION, INTERPRET)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn,
-                               unmasked_hi, hi, pos_q, seqlen_k, qk_scale, slope2, True, CAUSAL, HAS_ALIBI,
-                               HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, INTERPRET)
+                               unmasked_hi, hi, pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left,
+                               window_right, True, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, INPUT_PRECISION, INTERPRET)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    o_base = Out + seq * stride_ob + head * stride_oh + start * stride_om
+    o_base = Out + seq * stride_ob + head * stride_oh + start_q * stride_om
     _store_rows(o_base, acc / l_safe[:, None], rows, stride_om, seqlen_q, HEAD_DIM, BLOCK_D, INTERPRET)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    l_base = Lse + seq * stride_lb + head * stride_lh + start * stride_lm
+    l_base = Lse + seq * stride_lb + head * stride_lh + start_q * stride_lm
     tl.store(l_base + rows * stride_lm, lse, mask=rows < seqlen_q)
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    Out, DO, Delta, cu_seqlens,
+    Out, DO, DLse, Lse, Sinks, Delta, SinkTerm, cu_seqlens,
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
     seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
+    """delta = rowsum(dO * O) - dlse; with sinks each row's exp(sink - lse) * delta too (dsinks
+    is minus their sum per head)."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1).to(tl.int64)
     seq = tl.program_id(2).to(tl.int64)
-    start, seqlen_q, _ = _sequence(cu_seqlens, seq, seqlen_q, seqlen_q, IS_VARLEN)
+    start, _, seqlen_q, _ = _sequence(cu_seqlens, cu_seqlens, seq, seqlen_q, seqlen_q, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     rows = start_m + tl.arange(0, BLOCK_M)
+    valid = rows < seqlen_q
     o = _load_rows(Out + seq * stride_ob + head * stride_oh + start * stride_om, rows, stride_om, seqlen_q,
                    HEAD_DIM, BLOCK_D)
     do = _load_rows(DO + seq * stride_dob + head * stride_doh + start * stride_dom, rows, stride_dom, seqlen_q,
                     HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    d_base = Delta + seq * stride_lb + head * stride_lh + start * stride_lm
-    tl.store(d_base + rows * stride_lm, delta, mask=rows < seqlen_q)
+    row_offset = seq * stride_lb + head * stride_lh + (start + rows) * stride_lm
+    if HAS_DLSE:
+        delta -= tl.load(DLse + row_offset, mask=valid, other=0.0)
+    tl.store(Delta + row_offset, delta, mask=valid)
+    if HAS_SINKS:
+        lse = tl.load(Lse + row_offset, mask=valid, other=float("-inf"))
+        # lse = -inf only with a sink of -inf and no key: that sink's probability is 0
+        sink_p = tl.where(lse == float("-inf"), 0.0, tl.exp2((tl.load(Sinks + head) - lse) * LOG2E))
+        tl.store(SinkTerm + row_offset, sink_p * delta, mask=valid)
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, stride_lm,
-                    mask_base, stride_mn, lo, hi, cols, seqlen_q, seqlen_k, qk_scale, slope2,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                    mask_base, stride_mn, lo, hi, cols, seqlen_q, seqlen_k, qk_scale, softcap2, slope2, window_left,
+                    window_right, MASK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    INTERPRET: tl.constexpr):
     # Works on transposed [keys, queries] tiles so dK and dV come out of plain dots.
     # Keys past the end are not masked in the unmasked stage: their P may be anything,
     # but it only reaches their own dK/dV rows, which are never stored.
@@ -307,113 +405,121 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         lse2 = _load_lse2(lse_base, rows, stride_lm, seqlen_q)
         delta = tl.load(delta_base + rows * stride_lm, mask=rows < seqlen_q, other=0.0)
         pos_q = rows + (seqlen_k - seqlen_q)
-        s_t = _scores(_dot(k, q_t, INPUT_PRECISION, INTERPRET), pos_q[None, :], cols[:, None], seqlen_k,
-                      qk_scale, slope2, mask_base, stride_mn, MASK, CAUSAL, HAS_ALIBI, HAS_KPM)
+        s_t, t_t = _scores(_dot(k, q_t, INPUT_PRECISION, INTERPRET), pos_q[None, :], cols[:, None], seqlen_k,
+                           qk_scale, softcap2, slope2, window_left, window_right, mask_base, stride_mn,
+                           MASK, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM)
         p_t = tl.exp2(s_t - lse2[None, :])
         dv += _dot(_cast(p_t, do.dtype, INTERPRET), do, INPUT_PRECISION, INTERPRET)
         dp_t = _dot(v, tl.trans(do), INPUT_PRECISION, INTERPRET)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk += _dot(_cast(ds_t, q_t.dtype, INTERPRET), tl.trans(q_t), INPUT_PRECISION, INTERPRET)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta, Slopes, KeyMask, cu_seqlens,
+    Q, K, V, DO, DK, DV, Lse, Delta, Slopes, KeyMask, cu_seqlens, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_lm, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, group, qk_scale, softmax_scale,
+    seqlen_q, seqlen_k, group, qk_scale, softcap2, softmax_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     kv_head = tl.program_id(1).to(tl.int64)
     seq = tl.program_id(2).to(tl.int64)
-    start, seqlen_q, seqlen_k = _sequence(cu_seqlens, seq, seqlen_q, seqlen_k, IS_VARLEN)
+    start_q, start_k, seqlen_q, seqlen_k = _sequence(cu_seqlens, cu_seqlens_k, seq, seqlen_q, seqlen_k, IS_VARLEN)
     if start_n >= seqlen_k:
         return
     cols = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + seq * stride_kb + kv_head * stride_kh + start * stride_kn, cols, stride_kn, seqlen_k,
+    k = _load_rows(K + seq * stride_kb + kv_head * stride_kh + start_k * stride_kn, cols, stride_kn, seqlen_k,
                    HEAD_DIM, BLOCK_D)
-    v = _load_rows(V + seq * stride_vb + kv_head * stride_vh + start * stride_vn, cols, stride_vn, seqlen_k,
+    v = _load_rows(V + seq * stride_vb + kv_head * stride_vh + start_k * stride_vn, cols, stride_vn, seqlen_k,
                    HEAD_DIM, BLOCK_D)
     mask_base = KeyMask + seq * stride_mb
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Query blocks from `lo` see some key of this block; from `unmasked_lo` on they see
-    # all of them (both on the BLOCK_M grid, so the two stages tile [lo, seqlen_q)).
-    lo = 0
-    unmasked_lo = 0
-    if CAUSAL:
-        diag = seqlen_k - seqlen_q
-        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
-        unmasked_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+    lo, unmasked_lo, unmasked_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right, LEFT,
+                                                    RIGHT, BLOCK_M, BLOCK_N)
     for g in range(0, group):
         head = kv_head * group + g
-        q_base = Q + seq * stride_qb + head * stride_qh + start * stride_qm
-        do_base = DO + seq * stride_dob + head * stride_doh + start * stride_dom
-        lse_base = Lse + seq * stride_lb + head * stride_lh + start * stride_lm
-        delta_base = Delta + seq * stride_lb + head * stride_lh + start * stride_lm
+        q_base = Q + seq * stride_qb + head * stride_qh + start_q * stride_qm
+        do_base = DO + seq * stride_dob + head * stride_doh + start_q * stride_dom
+        lse_base = Lse + seq * stride_lb + head * stride_lh + start_q * stride_lm
+        delta_base = Delta + seq * stride_lb + head * stride_lh + start_q * stride_lm
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Slopes + head) * LOG2E
+        if RIGHT:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                                     stride_lm, mask_base, stride_mn, lo, unmasked_lo, cols, seqlen_q, seqlen_k,
+                                     qk_scale, softcap2, slope2, window_left, window_right, True, LEFT, RIGHT,
+                                     SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, INPUT_PRECISION,
+                                     INTERPRET)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                                 stride_lm, mask_base, stride_mn, lo, unmasked_lo, cols, seqlen_q, seqlen_k,
-                                 qk_scale, slope2, True, CAUSAL, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D,
-                                 BLOCK_M, INPUT_PRECISION, INTERPRET)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                                 stride_lm, mask_base, stride_mn, unmasked_lo, seqlen_q, cols, seqlen_q,
-                                 seqlen_k, qk_scale, slope2, False, CAUSAL, HAS_ALIBI, HAS_KPM, HEAD_DIM,
-                                 BLOCK_D, BLOCK_M, INPUT_PRECISION, INTERPRET)
-    _store_rows(DK + seq * stride_dkb + kv_head * stride_dkh + start * stride_dkn, dk * softmax_scale, cols,
+                                 stride_lm, mask_base, stride_mn, unmasked_lo, unmasked_hi, cols, seqlen_q, seqlen_k,
+                                 qk_scale, softcap2, slope2, window_left, window_right, False, LEFT, RIGHT,
+                                 SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, INPUT_PRECISION,
+                                 INTERPRET)
+        if LEFT:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                                     stride_lm, mask_base, stride_mn, unmasked_hi, hi, cols, seqlen_q, seqlen_k,
+                                     qk_scale, softcap2, slope2, window_left, window_right, True, LEFT, RIGHT,
+                                     SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, INPUT_PRECISION,
+                                     INTERPRET)
+    _store_rows(DK + seq * stride_dkb + kv_head * stride_dkh + start_k * stride_dkn, dk * softmax_scale, cols,
                 stride_dkn, seqlen_k, HEAD_DIM, BLOCK_D, INTERPRET)
-    _store_rows(DV + seq * stride_dvb + kv_head * stride_dvh + start * stride_dvn, dv, cols, stride_dvn,
+    _store_rows(DV + seq * stride_dvb + kv_head * stride_dvh + start_k * stride_dvn, dv, cols, stride_dvn,
                 seqlen_k, HEAD_DIM, BLOCK_D, INTERPRET)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn, lo, hi,
-                  pos_q, seqlen_k, qk_scale, slope2,
-                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                  pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left, window_right,
+                  MASK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k_t = _load_rows_t(k_base, cols, stride_kn, seqlen_k, HEAD_DIM, BLOCK_D)
         v_t = _load_rows_t(v_base, cols, stride_vn, seqlen_k, HEAD_DIM, BLOCK_D)
-        s = _scores(_dot(q, k_t, INPUT_PRECISION, INTERPRET), pos_q[:, None], cols[None, :], seqlen_k,
-                    qk_scale, slope2, mask_base, stride_mn, MASK, CAUSAL, HAS_ALIBI, HAS_KPM)
+        s, t = _scores(_dot(q, k_t, INPUT_PRECISION, INTERPRET), pos_q[:, None], cols[None, :], seqlen_k,
+                       qk_scale, softcap2, slope2, window_left, window_right, mask_base, stride_mn,
+                       MASK, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM)
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, v_t, INPUT_PRECISION, INTERPRET)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += _dot(_cast(ds, k_t.dtype, INTERPRET), tl.trans(k_t), INPUT_PRECISION, INTERPRET)
     return dq
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse, Delta, Slopes, KeyMask, cu_seqlens,
+    Q, K, V, DO, DQ, Lse, Delta, Slopes, KeyMask, cu_seqlens, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh, stride_lm, stride_mb, stride_mn,
-    seqlen_q, seqlen_k, group, qk_scale, softmax_scale,
+    seqlen_q, seqlen_k, group, qk_scale, softcap2, softmax_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1).to(tl.int64)
     seq = tl.program_id(2).to(tl.int64)
-    start, seqlen_q, seqlen_k = _sequence(cu_seqlens, seq, seqlen_q, seqlen_k, IS_VARLEN)
+    start_q, start_k, seqlen_q, seqlen_k = _sequence(cu_seqlens, cu_seqlens_k, seq, seqlen_q, seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     kv_head = head // group
-    k_base = K + seq * stride_kb + kv_head * stride_kh + start * stride_kn
-    v_base = V + seq * stride_vb + kv_head * stride_vh + start * stride_vn
+    k_base = K + seq * stride_kb + kv_head * stride_kh + start_k * stride_kn
+    v_base = V + seq * stride_vb + kv_head * stride_vh + start_k * stride_vn
     mask_base = KeyMask + seq * stride_mb
     slope2 = 0.0
     if HAS_ALIBI:
@@ -421,25 +527,33 @@ def _bwd_dq_kernel(
 
     rows = start_m + tl.arange(0, BLOCK_M)
     pos_q = rows + (seqlen_k - seqlen_q)
-    q = _load_rows(Q + seq * stride_qb + head * stride_qh + start * stride_qm, rows, stride_qm, seqlen_q,
+    q = _load_rows(Q + seq * stride_qb + head * stride_qh + start_q * stride_qm, rows, stride_qm, seqlen_q,
                    HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO + seq * stride_dob + head * stride_doh + start * stride_dom, rows, stride_dom, seqlen_q,
+    do = _load_rows(DO + seq * stride_dob + head * stride_doh + start_q * stride_dom, rows, stride_dom, seqlen_q,
                     HEAD_DIM, BLOCK_D)
-    lse_base = Lse + seq * stride_lb + head * stride_lh + start * stride_lm
+    lse_base = Lse + seq * stride_lb + head * stride_lh + start_q * stride_lm
     lse2 = _load_lse2(lse_base, rows, stride_lm, seqlen_q)
-    delta_base = Delta + seq * stride_lb + head * stride_lh + start * stride_lm
+    delta_base = Delta + seq * stride_lb + head * stride_lh + start_q * stride_lm
     delta = tl.load(delta_base + rows * stride_lm, mask=rows < seqlen_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    unmasked_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn,
-                       0, unmasked_hi, pos_q, seqlen_k, qk_scale, slope2, False, CAUSAL, HAS_ALIBI, HAS_KPM,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, INTERPRET)
-    # The masked stage must also mask keys past the end: with p = exp2(s - lse2) unbounded
+    lo, unmasked_lo, unmasked_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, LEFT,
+                                                  RIGHT, BLOCK_M, BLOCK_N)
+    # The masked stages must also mask keys past the end: with p = exp2(s - lse2) unbounded
     # there, inf * (zero key) would put NaN into dQ.
+    if LEFT:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn,
+                           lo, unmasked_lo, pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left, window_right,
+                           True, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N,
+                           INPUT_PRECISION, INTERPRET)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn,
-                       unmasked_hi, hi, pos_q, seqlen_k, qk_scale, slope2, True, CAUSAL, HAS_ALIBI, HAS_KPM,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, INTERPRET)
-    _store_rows(DQ + seq * stride_dqb + head * stride_dqh + start * stride_dqm, dq * softmax_scale, rows,
+                       unmasked_lo, unmasked_hi, pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left,
+                       window_right, False, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N,
+                       INPUT_PRECISION, INTERPRET)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn,
+                       unmasked_hi, hi, pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left, window_right,
+                       True, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N,
+                       INPUT_PRECISION, INTERPRET)
+    _store_rows(DQ + seq * stride_dqb + head * stride_dqh + start_q * stride_dqm, dq * softmax_scale, rows,
                 stride_dqm, seqlen_q, HEAD_DIM, BLOCK_D, INTERPRET)
 
 
@@ -473,8 +587,12 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return lse.stride(0), lse.stride(1), lse.stride(2)
 
 
+def _longest(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
 class _Problem(NamedTuple):
-    """Validated sizes and the tensors every kernel reads besides q / k / v."""
+    """Sizes and the tensors and scalars every kernel reads besides q / k / v."""
 
     varlen: bool
     num_seqs: int
@@ -482,69 +600,58 @@ class _Problem(NamedTuple):
     group: int
     seqlen_q: int  # the longest one for varlen
     seqlen_k: int
-    block_d: int
     scale: float
+    qk_scale: float  # what the kernels multiply q.k by: base 2, or over softcap
+    softcap2: float
+    window: tuple[int, int]  # (left, right) keys around a row's position; causal is right 0
     slopes: torch.Tensor
     key_mask: torch.Tensor
     mask_strides: tuple[int, int]
+    sinks: torch.Tensor
     cu_seqlens: torch.Tensor
+    cu_seqlens_k: torch.Tensor
     flags: dict
 
 
-def side_inputs(q, alibi_slopes, key_padding_mask, heads_q, batch, seqlen_k):
+def _side_inputs(q, alibi_slopes, key_padding_mask):
     """(slopes, key_mask, mask_strides) as the kernels read them; q stands in for an unused pointer."""
-    if alibi_slopes is not None:
-        if alibi_slopes.numel() != heads_q:
-            raise ValueError(f"alibi_slopes needs {heads_q} values (one per query head)")
-        slopes = alibi_slopes.reshape(-1).to(device=q.device, dtype=torch.float32).contiguous()
-    else:
-        slopes = q
+    slopes = q if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
     if key_padding_mask is None:
         return slopes, q, (0, 0)
-    if tuple(key_padding_mask.shape) != (batch, seqlen_k):
-        raise ValueError(f"key_padding_mask must be [{batch}, {seqlen_k}]")
     # bool and uint8 share a byte, so the mask is read in place
-    key_mask = key_padding_mask.to(device=q.device, dtype=torch.bool).view(torch.uint8)
+    key_mask = key_padding_mask.view(torch.uint8)
     return slopes, key_mask, (key_mask.stride(0), key_mask.stride(1))
 
 
-def _problem(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen) -> _Problem:
+def _problem(q, k, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
+             max_seqlen_k, window_left, window_right, softcap, sinks) -> _Problem:
     varlen = cu_seqlens is not None
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dim() != (3 if varlen else 4) or k.shape != v.shape or k.dim() != q.dim():
-        raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         f"({'varlen [T, H, D]' if varlen else '[B, H, S, D]'} expected)")
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim or not 0 < head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dims q {head_dim}, k {k.shape[-1]}: must match and be in 1..{MAX_HEAD_DIM}")
-    heads_q, heads_kv = q.shape[1], k.shape[1]
-    if heads_kv == 0 or heads_q % heads_kv:
-        raise ValueError(f"{heads_q} query heads are not a multiple of {heads_kv} kv heads")
-    device = q.device
+    heads_q, head_dim = q.shape[1], q.shape[-1]
     if varlen:
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask does not apply to varlen (cu_seqlens) inputs")
-        if k.shape[0] != q.shape[0]:
-            raise ValueError("varlen is self-attention: q and k need the same token count")
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+        cu_seqlens = cu_seqlens.contiguous()
         num_seqs = cu_seqlens.numel() - 1
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if num_seqs > 0 else 0
-        seqlen_q = seqlen_k = int(max_seqlen)
+        seqlen_q = _longest(cu_seqlens) if max_seqlen is None else int(max_seqlen)
+        if cu_seqlens_k is None:
+            cu_seqlens_k, seqlen_k = cu_seqlens, seqlen_q
+        else:
+            cu_seqlens_k = cu_seqlens_k.contiguous()
+            seqlen_k = _longest(cu_seqlens_k) if max_seqlen_k is None else int(max_seqlen_k)
     else:
         num_seqs, seqlen_q, seqlen_k = q.shape[0], q.shape[2], k.shape[2]
-        if k.shape[0] != num_seqs:
-            raise ValueError(f"batch sizes differ: q {num_seqs}, k {k.shape[0]}")
-        cu_seqlens = q  # unused pointer
-    slopes, key_mask, mask_strides = side_inputs(q, alibi_slopes, key_padding_mask, heads_q, num_seqs, seqlen_k)
+        cu_seqlens = cu_seqlens_k = q  # unused pointers
+    slopes, key_mask, mask_strides = _side_inputs(q, alibi_slopes, key_padding_mask)
+    # causal bounds keys by j <= r, which a right window (>= 0) can only repeat
+    left, right = window_left, 0 if causal else window_right
     block_d = max(16, triton.next_power_of_2(head_dim))
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_ALIBI=alibi_slopes is not None,
-                 HAS_KPM=key_padding_mask is not None, IS_VARLEN=varlen,
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, LEFT=left >= 0, RIGHT=right >= 0, SOFTCAP=softcap > 0,
+                 HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None, IS_VARLEN=varlen,
                  INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_interpreting())
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    return _Problem(varlen, num_seqs, heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, block_d, scale,
-                    slopes, key_mask, mask_strides, cu_seqlens, flags)
+    qk_scale = scale / softcap if softcap > 0 else scale * math.log2(math.e)
+    return _Problem(varlen, num_seqs, heads_q, heads_q // k.shape[1], seqlen_q, seqlen_k, scale, qk_scale,
+                    float(softcap) * math.log2(math.e), (max(left, 0), max(right, 0)), slopes, key_mask,
+                    mask_strides, q if sinks is None else sinks.to(torch.float32).contiguous(), cu_seqlens,
+                    cu_seqlens_k, flags)
 
 
 def flash_attention_fwd_triton(
@@ -557,15 +664,24 @@ def flash_attention_fwd_triton(
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `reference.attention.flash_attention` (and `_varlen` with cu_seqlens).
+    """Triton twin of `reference.attention.flash_attention` (and `_varlen` with cu_seqlens),
+    for arguments `ops.attention.check_args` accepted.
 
     Dense: q [B, Hq, Sq, D], k / v [B, Hkv, Sk, D], any batch / head / sequence strides.
-    Varlen: q / k / v [T, H, D] and cu_seqlens [N + 1] (max_seqlen: the longest sequence,
-    computed from cu_seqlens when None). Returns out (contiguous [B, Hq, Sq, D] or
-    [T, Hq, D], q's dtype) and fp32 natural-log lse ([B, Hq, Sq] or [Hq, T]).
+    Varlen: q [Tq, Hq, D], k / v [Tk, Hkv, D], cu_seqlens [N + 1] and cu_seqlens_k (None:
+    keys packed like queries); max_seqlen / max_seqlen_k, the longest sequences, are
+    computed from the offsets when None. Returns out (contiguous, q's shape and dtype) and
+    fp32 natural-log lse ([B, Hq, Sq] or [Hq, Tq]).
     """
-    pb = _problem(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen)
+    pb = _problem(q, k, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
+                  max_seqlen_k, window_left, window_right, softcap, sinks)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if pb.varlen:
@@ -574,14 +690,15 @@ def flash_attention_fwd_triton(
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = _config("fwd", pb.block_d, q.dtype)
+    cfg = _config("fwd", pb.flags["BLOCK_D"], q.dtype)
     grid = (triton.cdiv(pb.seqlen_q, cfg.BLOCK_M), pb.heads_q, pb.num_seqs)
     _fwd_kernel[grid](
-        q, k, v, out, lse, pb.slopes, pb.key_mask, pb.cu_seqlens,
+        q, k, v, out, lse, pb.slopes, pb.key_mask, pb.sinks, pb.cu_seqlens, pb.cu_seqlens_k,
         *_bhm_strides(q, pb.varlen), *_bhm_strides(k, pb.varlen), *_bhm_strides(v, pb.varlen),
         *_bhm_strides(out, pb.varlen), *_lse_strides(lse, pb.varlen), *pb.mask_strides,
-        pb.seqlen_q, pb.seqlen_k, pb.group, pb.scale * math.log2(math.e),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pb.flags,
+        pb.seqlen_q, pb.seqlen_k, pb.group, pb.qk_scale, pb.softcap2, *pb.window,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HAS_SINKS=sinks is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pb.flags,
     )
     return out, lse
 
@@ -599,44 +716,59 @@ def flash_attention_bwd_triton(
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) for `flash_attention_fwd_triton` with the same arguments, given its
-    `out` and `lse`. Gradients have their input's shape, dtype and (when dense) strides."""
-    pb = _problem(q, k, v, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    dlse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dsinks) for `flash_attention_fwd_triton` with the same arguments, given
+    its `out` and `lse`, and dlse (lse's gradient, None for none). Gradients have their
+    input's shape, dtype and (when dense) strides; dsinks is fp32 [Hq], None without sinks."""
+    pb = _problem(q, k, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, cu_seqlens_k,
+                  max_seqlen_k, window_left, window_right, softcap, sinks)
     q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
     # empty_like keeps a dense input's strides (say a transposed view), so the gradient
     # needs no copy on its way back through that view
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    dsinks = None if sinks is None else torch.zeros(pb.heads_q, dtype=torch.float32, device=q.device)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_(), dsinks
     lse = lse.to(torch.float32).contiguous()
-    delta = torch.empty_like(lse)  # same strides as lse, so the kernels share one set
+    # same strides as lse, so the kernels share one set
+    delta = torch.empty_like(lse)
+    sink_term = torch.empty_like(lse) if sinks is not None else lse
+    dlse = lse if dlse is None else dlse.to(torch.float32).contiguous()
     lse_strides = _lse_strides(lse, pb.varlen)
     qkv_strides = (*_bhm_strides(q, pb.varlen), *_bhm_strides(k, pb.varlen), *_bhm_strides(v, pb.varlen))
     do_strides = _bhm_strides(dout, pb.varlen)
-    qk_scale = pb.scale * math.log2(math.e)
     flags = pb.flags
+    scalars = (pb.seqlen_q, pb.seqlen_k, pb.group, pb.qk_scale, pb.softcap2, pb.scale, *pb.window)
 
-    pre = _config("dq", pb.block_d, q.dtype)
+    pre = _config("dq", flags["BLOCK_D"], q.dtype)
     _bwd_preprocess_kernel[(triton.cdiv(pb.seqlen_q, pre.BLOCK_M), pb.heads_q, pb.num_seqs)](
-        out, dout, delta, pb.cu_seqlens, *_bhm_strides(out, pb.varlen), *do_strides, *lse_strides, pb.seqlen_q,
-        HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre.BLOCK_M, IS_VARLEN=pb.varlen,
-        num_warps=4,
+        out, dout, dlse, lse, pb.sinks, delta, sink_term, pb.cu_seqlens, *_bhm_strides(out, pb.varlen), *do_strides,
+        *lse_strides, pb.seqlen_q,
+        HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre.BLOCK_M, HAS_DLSE=dlse is not lse,
+        HAS_SINKS=sinks is not None, IS_VARLEN=pb.varlen, num_warps=4,
     )
-    cfg = _config("dkdv", pb.block_d, q.dtype)
-    _bwd_dkdv_kernel[(triton.cdiv(pb.seqlen_k, cfg.BLOCK_N), pb.heads_q // pb.group, pb.num_seqs)](
-        q, k, v, dout, dk, dv, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens,
-        *qkv_strides, *do_strides, *_bhm_strides(dk, pb.varlen), *_bhm_strides(dv, pb.varlen),
-        *lse_strides, *pb.mask_strides, pb.seqlen_q, pb.seqlen_k, pb.group, qk_scale, pb.scale,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
-    cfg = _config("dq", pb.block_d, q.dtype)
+    if dsinks is not None:
+        # per-row terms summed by torch: deterministic, no atomics
+        dsinks = -sink_term.sum(dim=1 if pb.varlen else (0, 2))
+    if dk.numel():
+        cfg = _config("dkdv", flags["BLOCK_D"], q.dtype)
+        _bwd_dkdv_kernel[(triton.cdiv(pb.seqlen_k, cfg.BLOCK_N), pb.heads_q // pb.group, pb.num_seqs)](
+            q, k, v, dout, dk, dv, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens, pb.cu_seqlens_k,
+            *qkv_strides, *do_strides, *_bhm_strides(dk, pb.varlen), *_bhm_strides(dv, pb.varlen),
+            *lse_strides, *pb.mask_strides, *scalars,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        )
+    cfg = _config("dq", flags["BLOCK_D"], q.dtype)
     _bwd_dq_kernel[(triton.cdiv(pb.seqlen_q, cfg.BLOCK_M), pb.heads_q, pb.num_seqs)](
-        q, k, v, dout, dq, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens,
-        *qkv_strides, *do_strides, *_bhm_strides(dq, pb.varlen), *lse_strides, *pb.mask_strides,
-        pb.seqlen_q, pb.seqlen_k, pb.group, qk_scale, pb.scale,
+        q, k, v, dout, dq, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens, pb.cu_seqlens_k,
+        *qkv_strides, *do_strides, *_bhm_strides(dq, pb.varlen), *lse_strides, *pb.mask_strides, *scalars,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
