@@ -59,11 +59,3 @@ def nested_pointers(absmax, nested_absmax, nested_code, offset):
         offset.data_ptr(),
     )
 
-
-def attention_kernels_lack(causal, alibi_slopes, cu_seqlens_k, window_left, window_right, softcap, sinks,
-                           dlse=None) -> bool:
-    """Whether a flash attention call uses what the tiled kernels do not implement yet (windows,
-    softcap, sinks, keys packed apart, non-causal ALiBi, a gradient into lse): the backends
-    compute such calls with the reference."""
-    return (cu_seqlens_k is not None or window_left >= 0 or window_right >= 0 or softcap > 0 or sinks is not None
-            or (alibi_slopes is not None and not causal) or dlse is not None)
