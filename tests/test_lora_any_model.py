@@ -1,7 +1,8 @@
 """LoRA fusion on any PEFT model: `patch(model, attention=False)` on encoders (BERT, DistilBERT)
 and GPT-2 (its `Conv1D` layers, weight stored [in, out], fused through the transposed view),
 after and before get_peft_model, against stock PEFT (fp32, LoRA dropout 0): outputs and the
-LoRA weights' gradients, with the fused op's calls counted."""
+LoRA weights' gradients, with the fused op's calls counted. The `cuda` parameters run on a CUDA
+machine (`pytest -m gpu`)."""
 
 import collections
 
@@ -18,6 +19,11 @@ import qlora_kernels as qk
 from qlora_kernels import reference as R
 from qlora_kernels.backends import cuda as glue
 from qlora_kernels.triton import lora as triton_lora
+
+from helpers import DEVICES
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class OpCalls(TorchDispatchMode):
@@ -65,9 +71,9 @@ MODELS = {
 LORA_LAYERS = {"bert": 13, "distilbert": 12, "gpt2": 8}
 
 
-def base_model(name):
+def base_model(name, device="cpu"):
     torch.manual_seed(0)
-    return MODELS[name][0]().float().train()
+    return MODELS[name][0]().float().train().to(device)
 
 
 def add_lora(model, name):
@@ -93,10 +99,11 @@ def output_and_grads(model, forward=None):
     """The model's output and the gradients of the trainable weights (LoRA's, and BERT's classifier
     that PEFT trains with them) under a loss touching every output; `forward` instead of model()."""
     model.zero_grad()
-    ids, mask = inputs()
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in inputs())
     out = (forward or model)(input_ids=ids, attention_mask=mask)
     out = out.logits if "logits" in out else out.last_hidden_state
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
     (out * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
@@ -116,9 +123,10 @@ def assert_fused_every_lora_layer(calls, name):
     assert calls.calls["lora_linear_fwd"] == LORA_LAYERS[name] == calls.calls["lora_linear_bwd"], calls.calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", MODELS)
-def test_patch_without_attention_fuses_any_architecture(name):
-    model = add_lora(base_model(name), name)
+def test_patch_without_attention_fuses_any_architecture(name, device):
+    model = add_lora(base_model(name, device), name)
     want = output_and_grads(model)
     with OpCalls() as calls:
         stock = output_and_grads(model)
@@ -180,7 +188,8 @@ def test_strict_error_for_attention_names_the_ways_out():
 @pytest.mark.parametrize("M", [5, 40])
 def test_cuda_backend_reads_a_transposed_dense_weight_in_place(M, monkeypatch):
     """bf16 below the dequantize-once token count takes the fused Triton kernels for a row-major W;
-    a transposed one (a Conv1D's) goes to the torch GEMMs, which read it as it is."""
+    a transposed one (a Conv1D's) goes to the torch GEMMs, which read it as it is. CPU tensors
+    through Triton's interpreter here, CUDA ones on a CUDA machine."""
     def refuse(*args, **kwargs):
         raise AssertionError("the fused kernels would copy the transposed weight")
 
@@ -190,15 +199,15 @@ def test_cuda_backend_reads_a_transposed_dense_weight_in_place(M, monkeypatch):
     torch.manual_seed(0)
     K, N, r = 32, 48, 4
     dtype = torch.bfloat16
-    conv = torch.randn(K, N)  # stored [in, out]
-    x, bias = torch.randn(M, K), torch.randn(N)
-    A, B = torch.randn(r, K), torch.randn(N, r)
+    conv = torch.randn(K, N, device=DEVICE)  # stored [in, out]
+    x, bias = torch.randn(M, K, device=DEVICE), torch.randn(N, device=DEVICE)
+    A, B = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
     w = conv.to(dtype).t()
     args = (w, None, None, None, None, None, 0, 0)
     seed = torch.zeros(1, dtype=torch.int64)
     y, xa = glue.triton_lora_linear_fwd(x.to(dtype), *args, N, bias.to(dtype), A.to(dtype), B.to(dtype), 0.5, 0.0,
                                         seed)
-    dy = torch.randn(M, N)
+    dy = torch.randn(M, N, device=DEVICE)
     dx, dA, dB, dbias = glue.triton_lora_linear_bwd(dy.to(dtype), x.to(dtype), *args, A.to(dtype), B.to(dtype), 0.5,
                                                     0.0, seed, xa)
     # fp64 reference on the bf16-rounded inputs; bf16 outputs within a few of their ulps
