@@ -1,5 +1,6 @@
 """Triton flash-decoding with sliding windows, logit softcap and attention sinks against
-`reference.attention`, and the CUDA backend's routing of such decode calls to it.
+`reference.attention` (dense, and varlen over packed caches), and the CUDA backend's routing of such
+decode calls to it.
 
 fp32 is compared tightly against an fp64 reference; fp16 / bf16 get the honest tolerance:
 the kernel's error against fp64 at most twice that of the same math done in the low dtype
@@ -213,8 +214,9 @@ def test_splits_cover_only_the_window(monkeypatch, num_splits):
     flash_decode_triton(q, k, v, window_left=100, num_splits=num_splits)
     ((grid, args),) = split.launches
     assert grid[0] == args["num_splits"]
-    assert args["key_lo"] == 4096 - 2 - 100 and args["window_left"] == 100
-    # split s covers [key_lo + s * split_size, ...) up to the last key: together exactly the window's 102 keys
+    assert args["window_left"] == 100
+    # split s covers [key_lo + s * split_size, ...) up to the last key, key_lo = 4096 - 2 - 100: together
+    # exactly the 102 keys the two queries see
     assert args["num_splits"] * args["split_size"] >= 102 > (args["num_splits"] - 1) * args["split_size"]
     assert args["split_size"] % args["BLOCK_N"] == 0
     assert args["num_splits"] == min(num_splits, math.ceil(102 / args["BLOCK_N"]))
@@ -242,5 +244,90 @@ def test_backend_routes_windowed_softcap_sinks_decode_to_the_decode_kernel(monke
                                                -1, kw["softcap"], kw["sinks"])
     assert len(calls) == 1
     want_out, want_lse = _reference(q.double(), k.double(), v.double(), softmax_scale=0.2, **kw)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=0)
+
+
+# packed caches: per sequence (queries, keys); a sequence without queries, one whose first
+# query sits before its single key, one as long as three interpreter splits
+VARLEN = ((1, 40), (3, 70), (0, 5), (2, 1), (2, 33))
+
+
+def _packed(dtype, lengths=VARLEN, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(n for n, _ in lengths), sum(n for _, n in lengths)
+    q = torch.randn(HQ, tq, D, generator=g).to(DEVICE, dtype).transpose(0, 1)  # [T, H, D] with a head stride of D
+    k, v = (torch.randn(tk, HKV, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+
+    def offsets(ns):
+        return torch.tensor([0, *torch.tensor(ns).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    return q, k, v, offsets([n for n, _ in lengths]), offsets([n for _, n in lengths])
+
+
+@pytest.mark.parametrize("features", ("window5", "window40", "all"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+def test_varlen_decode_over_packed_caches(features, dtype):
+    q, k, v, cu_seqlens, cu_seqlens_k = _packed(dtype)
+    kw = _features(FEATURES[features])
+    kw.pop("key_padding_mask", None)  # packed sequences carry no padding
+    window_left = kw.pop("window_left")
+    # keys no query of their sequence can see hold NaN: one read would make the output NaN
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for (n_q, n_k), start in zip(VARLEN, cu_seqlens_k.tolist()):
+        first = max(0, n_k - n_q - window_left)
+        poisoned_k[start:start + first] = math.nan
+        poisoned_v[start:start + first] = math.nan
+    out, lse = flash_decode_triton(q, poisoned_k, poisoned_v, window_left=window_left, cu_seqlens=cu_seqlens,
+                                   max_seqlen=3, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=70, num_splits=3, **kw)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous() and lse.shape == (HQ, q.shape[0])
+    assert out.isfinite().all()
+
+    def reference(*t):
+        return ref.flash_attention_varlen(*t, cu_seqlens, True, None, kw.get("alibi_slopes"), cu_seqlens_k=cu_seqlens_k,
+                                          window_size=(window_left, -1), softcap=kw.get("softcap", 0.0),
+                                          sinks=kw.get("sinks"))
+
+    exact_out, exact_lse = reference(q.double(), k.double(), v.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), exact_out, atol=2e-5, rtol=0)
+    else:
+        lowp = []
+        for (a, b), (c, d) in zip(zip(cu_seqlens.tolist(), cu_seqlens.tolist()[1:]),
+                                  zip(cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])):
+            o = _attention_in(dtype, *(t.transpose(0, 1).unsqueeze(0) for t in (q[a:b], k[c:d], v[c:d])),
+                              window_left=window_left, **kw)
+            lowp.append(o[0].transpose(0, 1))
+        _assert_honest(out, torch.cat(lowp), exact_out, "out")
+    torch.testing.assert_close(lse.double(), exact_lse, atol=2e-5, rtol=0)
+
+
+def test_varlen_decode_with_keys_packed_like_queries():
+    lengths = ((3, 3), (1, 1), (4, 4))
+    q, k, v, cu_seqlens, _ = _packed(torch.float32, lengths)
+    kw = _features(("softcap", "sinks"))
+    out, lse = flash_decode_triton(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=4, window_left=1, num_splits=2, **kw)
+    want_out, want_lse = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_seqlens, True,
+                                                    window_size=(1, -1), **kw)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=0)
+
+
+def test_backend_routes_varlen_decode_over_packed_caches_to_the_decode_kernel(monkeypatch):
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args)
+        return flash_decode_triton(*args, **kwargs)
+
+    monkeypatch.setattr(flash_decode, "flash_decode_triton", recording)
+    lengths = ((1, glue.DECODE_MIN_KEYS), (2, 40))
+    q, k, v, cu_seqlens, cu_seqlens_k = _packed(torch.float32, lengths)
+    kw = _features(("softcap", "sinks"))
+    out, lse = glue.triton_flash_attention_fwd(q, k, v, True, 0.2, None, None, cu_seqlens, 2, cu_seqlens_k,
+                                               glue.DECODE_MIN_KEYS, 40, -1, kw["softcap"], kw["sinks"])
+    assert len(calls) == 1
+    want_out, want_lse = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_seqlens, True, 0.2,
+                                                    cu_seqlens_k=cu_seqlens_k, window_size=(40, -1), **kw)
     torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=0)
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=0)

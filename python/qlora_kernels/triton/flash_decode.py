@@ -13,12 +13,14 @@ size and gives `tl.dot` a useful M even when Sq = 1.
 Semantics are `reference.attention.flash_attention` with causal=True (bottom-right: query
 i sits at position r = i + Sk - Sq and sees keys j <= r), GQA, ALiBi, key_padding_mask, a
 sliding window (keys j >= r - window_left), logit softcap and attention sinks; rows with no
-key give out 0 and lse -inf (the sink with sinks). Forward only.
+key give out 0 and lse -inf (the sink with sinks). Also varlen, `flash_attention_varlen`:
+a few queries per sequence against packed caches (cu_seqlens_k), each program reading its
+sequence's offsets. Forward only.
 
-* Window: the splits cover only keys [Sk - Sq - window_left, Sk), the keys some query row
-  can see; keys before are never read, so a windowed layer streams W + Sq keys, not the
-  cache. window_right cannot cut anything under the causal mask (it bounds j <= r + right
-  with right >= 0).
+* Window: the splits cover only keys [Sk - Sq - window_left, Sk) of each sequence, the keys
+  some query row can see; keys before are never read, so a windowed layer streams W + Sq
+  keys, not the cache. window_right cannot cut anything under the causal mask (it bounds
+  j <= r + right with right >= 0).
 * ALiBi: the kernel adds slope * (j - r), which equals the reference's symmetric
   -slope * |j - r| on every key the causal mask keeps.
 * Sinks enter once, in the combine: the sink's exp(sink) joins the sum of the splits'
@@ -65,24 +67,36 @@ def _tanh(x):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, OutPart, LsePart, Slopes, KeyMask,
+    Q, K, V, OutPart, LsePart, Slopes, KeyMask, cu_seqlens, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mn,
-    seqlen_q, seqlen_k, heads_kv, group, key_lo, split_size, num_splits, window_left, qk_scale, softcap2,
+    seqlen_q, seqlen_k, heads_kv, group, split_size, num_splits, window_left, qk_scale, softcap2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     split = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     seq = (tl.program_id(2) // heads_kv).to(tl.int64)
     kv_head = (tl.program_id(2) % heads_kv).to(tl.int64)
+    if IS_VARLEN:
+        # packed [T, H, D] with zero batch strides; seqlen_q / seqlen_k arrive as the longest ones
+        q_start = tl.load(cu_seqlens + seq).to(tl.int64)
+        seqlen_q = (tl.load(cu_seqlens + seq + 1) - q_start).to(tl.int32)
+        k_start = tl.load(cu_seqlens_k + seq).to(tl.int64)
+        seqlen_k = (tl.load(cu_seqlens_k + seq + 1) - k_start).to(tl.int32)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        k_start = tl.zeros([], dtype=tl.int64)
+    if tl.program_id(1) * BLOCK_M >= group * seqlen_q:
+        return
     # row r is query r % Sq of q head kv_head * group + r // Sq
     row_ok = rows < group * seqlen_q
     head = kv_head * group + rows // seqlen_q
     qi = rows % seqlen_q
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + seq * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = (Q + seq * stride_qb + head[:, None] * stride_qh + (q_start + qi)[:, None] * stride_qm
+              + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     pos_q = (qi + (seqlen_k - seqlen_q))[:, None]
     # the first key each row may see; without a window the launcher passes window_left = Sk
@@ -90,10 +104,12 @@ def _decode_split_kernel(
     slope2 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     if HAS_ALIBI:
         slope2 = (tl.load(Slopes + head, mask=row_ok, other=0.0) * LOG2E)[:, None]
-    k_base = K + seq * stride_kb + kv_head * stride_kh
-    v_base = V + seq * stride_vb + kv_head * stride_vh
+    k_base = K + seq * stride_kb + kv_head * stride_kh + k_start * stride_kn
+    v_base = V + seq * stride_vb + kv_head * stride_vh + k_start * stride_vn
     mask_base = KeyMask + seq * stride_mb
 
+    # the splits cover keys [key_lo, Sk), those some query row sees: keys before are never read
+    key_lo = tl.maximum(seqlen_k - seqlen_q - window_left, 0)
     lo = key_lo + split * split_size
     hi = tl.minimum(lo + split_size, seqlen_k)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -129,8 +145,12 @@ def _decode_split_kernel(
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    # partials are contiguous [B, Hq, Sq, num_splits(, D)]; this group's rows are consecutive
-    part = ((seq * (heads_kv * group) + kv_head * group) * seqlen_q + rows) * num_splits + split
+    # partials are contiguous [rows of out, num_splits(, D)]: out is [B, Hq, Sq, D] or varlen [T, Hq, D]
+    if IS_VARLEN:
+        out_row = (q_start + qi) * (heads_kv * group) + head
+    else:
+        out_row = (seq * (heads_kv * group) + head) * seqlen_q + qi
+    part = out_row * num_splits + split
     tl.store(OutPart + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(LsePart + part, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2), mask=row_ok)
@@ -139,14 +159,22 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_combine_kernel(OutPart, LsePart, Out, Lse, Sinks, num_splits, heads_q, seqlen_q,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                           HAS_SINKS: tl.constexpr, INTERPRET: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # flat (batch, q head, query); outputs are contiguous
+                           HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr):
+    # a row of the contiguous out: flat (batch, q head, query), varlen (token, q head) with
+    # seqlen_q the token count and lse [Hq, T]
+    row = tl.program_id(0).to(tl.int64)
+    if IS_VARLEN:
+        head = row % heads_q
+        lse_at = head * seqlen_q + row // heads_q
+    else:
+        head = (row // seqlen_q) % heads_q
+        lse_at = row
     splits = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     lse_s = tl.load(LsePart + row * num_splits + splits, mask=splits < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
     if HAS_SINKS:
-        sink = tl.load(Sinks + (row // seqlen_q) % heads_q)
+        sink = tl.load(Sinks + head)
         m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2((lse_s - m_safe) * LOG2E)
@@ -158,7 +186,7 @@ def _decode_combine_kernel(OutPart, LsePart, Out, Lse, Sinks, num_splits, heads_
     empty = total == 0.0
     o = tl.sum(w[:, None] * o_s, 0) / tl.where(empty, 1.0, total)
     tl.store(Out + row * HEAD_DIM + offs_d, _cast(o, Out.dtype.element_ty, INTERPRET), mask=offs_d < HEAD_DIM)
-    tl.store(Lse + row, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total))))
+    tl.store(Lse + lse_at, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total))))
 
 
 def _auto_splits(programs: int, key_blocks: int, device: torch.device) -> int:
@@ -167,11 +195,6 @@ def _auto_splits(programs: int, key_blocks: int, device: torch.device) -> int:
     # about two programs per SM; a split gets at least one key block
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return min(triton.cdiv(2 * sms, programs), key_blocks)
-
-
-def first_visible_key(seqlen_q: int, seqlen_k: int, window_left: int) -> int:
-    """The first key any query row sees under the causal mask and window: the splits start there."""
-    return max(0, seqlen_k - seqlen_q - window_left) if window_left >= 0 else 0
 
 
 def flash_decode_triton(
@@ -185,26 +208,42 @@ def flash_decode_triton(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int = 0,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int = 0,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of q [B, Hq, Sq, D] (Sq small) on a cache k / v [B, Hkv, Sk, D].
+    """Causal attention of q [B, Hq, Sq, D] (Sq small) on a cache k / v [B, Hkv, Sk, D], or of
+    packed q [Tq, Hq, D] (cu_seqlens, max_seqlen) on packed caches k / v [Tk, Hkv, D]
+    (cu_seqlens_k, max_seqlen_k; None: packed like q).
 
-    Same results as `reference.attention.flash_attention(q, k, v, True, ...)` with
-    window_size=(window_left, window_right) (-1 unbounded), softcap (0 none) and sinks [Hq]:
-    out (contiguous [B, Hq, Sq, D], q's dtype) and fp32 lse [B, Hq, Sq]. The arguments are
-    those `ops.attention.check_args` accepted. Any batch / head / sequence strides.
-    `num_splits` (at most MAX_SPLITS; the default fills the GPU) caps how many key ranges
-    are reduced in parallel.
+    Same results as `reference.attention.flash_attention(q, k, v, True, ...)` (varlen:
+    `flash_attention_varlen`) with window_size=(window_left, window_right) (-1 unbounded),
+    softcap (0 none) and sinks [Hq]: out (contiguous, q's shape and dtype) and fp32 lse
+    [B, Hq, Sq] (varlen [Hq, Tq]). The arguments are those `ops.attention.check_args`
+    accepted. Any batch / head / sequence strides. `num_splits` (at most MAX_SPLITS; the
+    default fills the GPU) caps how many key ranges are reduced in parallel.
     """
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    varlen = cu_seqlens is not None
+    Hq, D, Hkv = q.shape[1], q.shape[-1], k.shape[1]
+    if varlen:
+        if cu_seqlens_k is None:
+            cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+        B, Sq, Sk = cu_seqlens.numel() - 1, int(max_seqlen), int(max_seqlen_k)
+        lse_shape = (Hq, q.shape[0])
+        q_strides, k_strides, v_strides = ((0, t.stride(1), t.stride(0)) for t in (q, k, v))
+    else:
+        B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+        lse_shape = (B, Hq, Sq)
+        q_strides, k_strides, v_strides = (t.stride()[:3] for t in (q, k, v))
     device = q.device
     sink_lse = None if sinks is None else sinks.to(device=device, dtype=torch.float32).contiguous()
-    if q.numel() == 0 or Sk == 0:  # no keys: every row is empty
-        lse = (torch.full((B, Hq, Sq), -math.inf, dtype=torch.float32, device=device) if sink_lse is None
-               else sink_lse.view(1, Hq, 1).expand(B, Hq, Sq).contiguous())
+    if q.numel() == 0 or Sk == 0 or k.numel() == 0:  # no keys: every row is empty
+        lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=device) if sink_lse is None
+               else sink_lse.view(Hq, 1).expand(lse_shape).contiguous())
         return torch.zeros(q.shape, dtype=q.dtype, device=device), lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     group = Hq // Hkv
@@ -223,35 +262,36 @@ def flash_decode_triton(
     BLOCK_M = min(32 if fp32 else 64, max(16, triton.next_power_of_2(group * Sq)))
     BLOCK_N = 16 if interpret or fp32 else (32 if BLOCK_D > 128 else 64)
     row_blocks = triton.cdiv(group * Sq, BLOCK_M)
-    key_lo = first_visible_key(Sq, Sk, window_left)
-    key_blocks = triton.cdiv(Sk - key_lo, BLOCK_N)
+    # a window wider than the cache cuts nothing; past Sq + window_left keys, nothing is seen
+    window = min(window_left, Sk) if window_left >= 0 else Sk
+    key_span = min(Sk, Sq + window)
+    key_blocks = triton.cdiv(key_span, BLOCK_N)
     if num_splits is None:
         num_splits = _auto_splits(B * Hkv * row_blocks, key_blocks, device)
     num_splits = min(num_splits, MAX_SPLITS, key_blocks)
     split_size = triton.cdiv(key_blocks, num_splits) * BLOCK_N
-    num_splits = triton.cdiv(Sk - key_lo, split_size)
+    num_splits = triton.cdiv(key_span, split_size)
 
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     qk_scale = scale / softcap if softcap > 0 else scale * math.log2(math.e)
     out = torch.empty(q.shape, dtype=q.dtype, device=device)
-    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=device)
-    out_part = torch.empty((B, Hq, Sq, num_splits, D), dtype=torch.float32, device=device)
-    lse_part = torch.empty((B, Hq, Sq, num_splits), dtype=torch.float32, device=device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
+    out_part = torch.empty((q.numel() // D, num_splits, D), dtype=torch.float32, device=device)
+    lse_part = torch.empty((q.numel() // D, num_splits), dtype=torch.float32, device=device)
+    offsets = (cu_seqlens, cu_seqlens_k) if varlen else (q, q)
     _decode_split_kernel[(num_splits, row_blocks, B * Hkv)](
-        q, k, v, out_part, lse_part, slopes, key_mask,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *mask_strides,
-        Sq, Sk, Hkv, group, key_lo, split_size, num_splits, min(window_left, Sk) if window_left >= 0 else Sk, qk_scale,
-        float(softcap) * math.log2(math.e),
+        q, k, v, out_part, lse_part, slopes, key_mask, *offsets, *q_strides, *k_strides, *v_strides, *mask_strides,
+        Sq, Sk, Hkv, group, split_size, num_splits, window, qk_scale, float(softcap) * math.log2(math.e),
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None, HAS_SOFTCAP=softcap > 0,
-        INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRET=interpret,
+        IS_VARLEN=varlen, INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRET=interpret,
         num_warps=4, num_stages=2 if BLOCK_D > 128 else 3,
     )
     BLOCK_S = triton.next_power_of_2(num_splits)
-    _decode_combine_kernel[(B * Hq * Sq,)](
-        out_part, lse_part, out, lse, q if sink_lse is None else sink_lse, num_splits, Hq, Sq,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, HAS_SINKS=sink_lse is not None, INTERPRET=interpret,
-        num_warps=min(8, max(1, BLOCK_S * BLOCK_D // 1024)),  # about 32 fp32 partial values per thread
+    _decode_combine_kernel[(q.numel() // D,)](
+        out_part, lse_part, out, lse, q if sink_lse is None else sink_lse, num_splits, Hq,
+        q.shape[0] if varlen else Sq,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, HAS_SINKS=sink_lse is not None, IS_VARLEN=varlen,
+        INTERPRET=interpret, num_warps=min(8, max(1, BLOCK_S * BLOCK_D // 1024)),  # ~32 fp32 partials per thread
     )
     return out, lse
