@@ -107,6 +107,8 @@ _UNLESS_OFF = frozenset({"output_attentions", "position_bias", "head_mask"})
 # fallbacks already warned about: one warning per reason
 _WARNED: set[str] = set()
 _STRICT = "_qlora_kernels_strict"
+# set on the modules of a model whose attention was eager before the patch
+_NO_KEY_AS_EAGER = "_qlora_kernels_no_key_as_eager"
 
 
 def _not_in_kernels(dropout: float, attention_mask: Tensor | None, kwargs: dict) -> list[str]:
@@ -136,14 +138,9 @@ def window_size(sliding_window: int | None) -> tuple[int, int]:
     return (sliding_window - 1, sliding_window - 1)
 
 
-def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, sinks,
-                   reasons, kwargs):
+def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, kwargs):
     """This call through transformers' SDPA attention function, with the mask the kernels would
     have applied: causal and window bottom-right aligned, key padding, packed sequences."""
-    if softcap or sinks is not None:
-        raise NotImplementedError(f"qlora_kernels attention: {', '.join(reasons)} together with "
-                                  f"{'softcap' if softcap else 's_aux (attention sinks)'} is computed neither by the "
-                                  "kernels nor by SDPA; use attn_implementation='eager' for this model")
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     Sq, Sk = query.shape[2], key.shape[2]
@@ -164,6 +161,38 @@ def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, 
     return torch.where(keep.any(-1).transpose(1, 2)[..., None], out, 0), None
 
 
+def _eager_where_no_key(out: Tensor, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor,
+                        causal: bool, window: tuple[int, int], scaling: float | None, softcap: float) -> Tensor:
+    """`out` [B, H, Sq, D] with eager attention's value in the rows whose query sees no key.
+
+    Eager attention adds the mask's minimum to every score of such a row, which absorbs the
+    scores: softmax is uniform over all keys, so the row is the mean of every value, and its
+    gradient still reaches the query and keys through softmax's Jacobian. The loss sees that
+    row where the last left pad predicts the first token. Rows are found on the host, once per
+    call with a padding mask, on models whose attention was eager before the patch only."""
+    Sq, Sk = query.shape[2], key.shape[2]
+    left, right = window
+    position = torch.arange(Sq, device=query.device) + (Sk - Sq)
+    first = (position - left).clamp(min=0) if left >= 0 else torch.zeros_like(position)
+    last = position if causal else torch.full_like(position, Sk - 1)
+    if right >= 0:
+        last = torch.minimum(last, position + right)
+    kept = torch.nn.functional.pad(key_padding_mask.int().cumsum(1), (1, 0))
+    batch, row = torch.nonzero(kept[:, last + 1] - kept[:, first] <= 0, as_tuple=True)
+    if batch.numel() == 0:
+        return out
+    groups = query.shape[1] // key.shape[1]
+    keys, values = (t[batch].repeat_interleave(groups, dim=1) for t in (key, value))  # [n, H, Sk, D]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.einsum("nhd,nhkd->nhk", query[batch, :, row].float(), keys.float()) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores - scores.detach(), dim=-1)  # uniform, with softmax's gradient
+    out = out.clone()
+    out[batch, :, row] = torch.einsum("nhk,nhkd->nhd", probs, values.float()).to(out.dtype)
+    return out
+
+
 def attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, is_causal: bool | None = None, sliding_window: int | None = None,
                       softcap: float | None = None, s_aux: Tensor | None = None, **kwargs):
@@ -181,6 +210,10 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
     cap = float(softcap) if softcap is not None else 0.0
     reasons = _not_in_kernels(dropout, attention_mask, kwargs)
     if reasons:
+        if cap or s_aux is not None:
+            raise NotImplementedError(f"qlora_kernels attention: {', '.join(reasons)} together with "
+                                      f"{'softcap' if cap else 's_aux (attention sinks)'} is computed neither by the "
+                                      "kernels nor by SDPA; use attn_implementation='eager' for this model")
         if getattr(module, _STRICT, False):
             raise NotImplementedError(f"qlora_kernels attention: {', '.join(reasons)} is not in the kernels, and "
                                       "this model was patched with strict=True (strict=False computes such calls "
@@ -190,8 +223,7 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
                 _WARNED.add(reason)
                 warnings.warn(f"qlora_kernels attention: {reason} is not in the kernels; transformers' SDPA "
                               "computes these calls", stacklevel=2)
-        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, cap, s_aux,
-                              reasons, kwargs)
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, kwargs)
     packable = attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
     cu_seqlens, max_seqlen = _packed_sequences(query, kwargs) if packable else (None, 0)
     if cu_seqlens is not None:
@@ -202,6 +234,9 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
         return out.unsqueeze(0), None
     out = flash_attention(query, key, value, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
                           window_size=window, softcap=cap, sinks=s_aux)
+    if attention_mask is not None and s_aux is None and getattr(module, _NO_KEY_AS_EAGER, False):
+        # (with sinks, eager's sink takes all of such a row's weight: 0, as here)
+        out = _eager_where_no_key(out, query, key, value, attention_mask, causal, window, scaling, cap)
     return out.transpose(1, 2), None
 
 
@@ -239,10 +274,17 @@ def patch_interface(model: nn.Module) -> list[str]:
     if current != NAME:
         setattr(model, _PREVIOUS, current)
         model.set_attn_implementation(NAME)
+        # a query that sees no key (all padding) gets what the replaced attention gives it:
+        # eager's mean of the values, or SDPA's and flash-attn's 0
+        for module in model.modules():
+            if hasattr(module, "config"):
+                module.__dict__[_NO_KEY_AS_EAGER] = current == "eager"
     return [f"attention interface '{NAME}' (was '{getattr(model, _PREVIOUS, current)}')"]
 
 
 def unpatch_interface(model: nn.Module) -> None:
+    for module in model.modules():
+        module.__dict__.pop(_NO_KEY_AS_EAGER, None)
     previous = model.__dict__.pop(_PREVIOUS, None)
     if previous is not None:
         model.set_attn_implementation(previous)
