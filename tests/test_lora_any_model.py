@@ -165,6 +165,16 @@ def test_patch_before_get_peft_model_fuses_any_architecture_at_first_forward(nam
     assert_like_stock(got, want)
 
 
+def test_unpatch_before_the_first_forward_removes_the_pending_fusion():
+    base = qk.unpatch(qk.patch(base_model("bert"), attention=False))
+    assert qk.patch_report(base) is None
+    model = add_lora(base, "bert")
+    with OpCalls() as calls:
+        output_and_grads(model)
+    assert not calls.calls  # stock PEFT: the hooks went with unpatch
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_conv1d_weight_goes_to_the_op_as_a_view():
     model = qk.patch(add_lora(base_model("gpt2"), "gpt2"), attention=False)
     conv_weights = {m.weight.data_ptr() for m in model.modules() if type(m) is Conv1D}
