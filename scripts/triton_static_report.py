@@ -211,22 +211,29 @@ def _attention_case(dtype_name: str, head_dim: int, alibi: bool = True, padding:
 
 
 def _decode_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bool = True,
-                 window_softcap_sinks: bool = True) -> Case:
+                 window_softcap_sinks: bool = True, varlen: bool = False) -> Case:
     """One new token per sequence against a 1000-key cache, GQA group 4, the keys cut in 6 splits;
-    with `window_softcap_sinks` a 600-key sliding window, logit softcap and attention sinks."""
+    with `window_softcap_sinks` a 600-key sliding window, logit softcap and attention sinks;
+    `varlen` packs queries and caches ([T, H, D], cu_seqlens and cu_seqlens_k; no padding)."""
     dtype = getattr(torch, dtype_name)
     B, heads_kv, Sk = 2, 2, 1000
 
     def run():
-        q = _empty(B, 1, heads_kv * 4, head_dim, dtype=dtype).transpose(1, 2)
-        k, v = (_empty(B, heads_kv, Sk, head_dim, dtype=dtype) for _ in range(2))
         features = (dict(window_left=600, softcap=50.0, sinks=_empty(heads_kv * 4, dtype=torch.float32))
                     if window_softcap_sinks else {})
+        if varlen:
+            q = _empty(B, heads_kv * 4, head_dim, dtype=dtype)
+            k, v = (_empty(B * Sk, heads_kv, head_dim, dtype=dtype) for _ in range(2))
+            features.update(cu_seqlens=torch.tensor([0, 1, B], dtype=torch.int32), max_seqlen=1,
+                            cu_seqlens_k=torch.tensor([0, Sk, B * Sk], dtype=torch.int32), max_seqlen_k=Sk)
+        else:
+            q = _empty(B, 1, heads_kv * 4, head_dim, dtype=dtype).transpose(1, 2)
+            k, v = (_empty(B, heads_kv, Sk, head_dim, dtype=dtype) for _ in range(2))
         flash_decode_triton(q, k, v, None, _empty(heads_kv * 4, dtype=torch.float32) if alibi else None,
                             torch.ones(B, Sk, dtype=torch.bool) if padding else None, num_splits=6, **features)
 
     flags = [f"D{head_dim}"] + ["alibi"] * alibi + ["padding"] * padding
-    flags += ["window softcap sinks"] * window_softcap_sinks
+    flags += ["window softcap sinks"] * window_softcap_sinks + ["varlen"] * varlen
     return Case(f"{dtype_name} decode {' '.join(flags)}", dtype_name, run)
 
 
@@ -255,7 +262,7 @@ def cases(full: bool) -> list[Case]:
                         out += [_attention_case(dtype, d, alibi, alibi, group),
                                 _attention_case(dtype, d, alibi, False, group, varlen=True)]
                 out += [_attention_case(dtype, d, causal=False), _decode_case(dtype, d, False, False, False),
-                        _decode_case(dtype, d)]
+                        _decode_case(dtype, d), _decode_case(dtype, d, padding=False, varlen=True)]
         return out
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
     out += [_lora_case("bfloat16", "nf4-bs128-nodq", r=8, dropout=False, bias=False),
@@ -269,6 +276,7 @@ def cases(full: bool) -> list[Case]:
     out += [_attention_case("bfloat16", 128, False, False, 1, varlen=True),
             _attention_case("bfloat16", 64, False, False, 1, causal=False)]
     out += [_decode_case("bfloat16", d) for d in (64, 128, 256)] + [_decode_case("float32", 256)]
+    out += [_decode_case("bfloat16", 128, padding=False, varlen=True)]
     return out
 
 

@@ -95,8 +95,8 @@ def _decode_split_kernel(
     head = kv_head * group + rows // seqlen_q
     qi = rows % seqlen_q
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = (Q + seq * stride_qb + head[:, None] * stride_qh + (q_start + qi)[:, None] * stride_qm
-              + offs_d[None, :])
+    q_base = Q + seq * stride_qb + q_start * stride_qm
+    q_ptrs = q_base + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     pos_q = (qi + (seqlen_k - seqlen_q))[:, None]
     # the first key each row may see; without a window the launcher passes window_left = Sk
