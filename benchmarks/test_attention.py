@@ -1,4 +1,5 @@
-"""Flash attention (causal GQA, ALiBi, decode), ours vs SDPA: the quick cases of `qlora-kernels bench attention`."""
+"""Flash attention (causal GQA, sliding window, ALiBi, decode), ours vs SDPA: the quick cases of
+`qlora-kernels bench attention`."""
 
 import pytest
 

@@ -54,6 +54,7 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
         for seq in seqs:
             for backward in (False, True):
                 yield _causal(device, batch, heads_q, heads_kv, seq, head_dim, backward)
+    yield from _sliding_window(device, quick)
     yield _alibi(device, quick)
     yield from _decode(device, quick)
 
@@ -81,6 +82,41 @@ def _causal(device, batch, heads_q, heads_kv, seq, head_dim, backward) -> Case:
         check=close_check(ours, sdpa, grad_of, grad_of), roofline=roofline,
         also={"flex_attention": step(_flex(q, k, v, seq), grad_of)} if device.type == "cuda" else {},
     )
+
+
+def _sliding_window(device, quick) -> Iterator[Case]:
+    """Causal sliding window (Mistral's): ours skips the key blocks outside the window, so its
+    time grows with S * W where full causal attention grows with S^2; SDPA takes the band as a
+    materialized mask and pays for S^2."""
+    if device.type == "cuda":
+        window, seqs = 4096, ((8192,) if quick else (8192, 16384))
+        heads_q, heads_kv, head_dim = 32, 8, 128
+    else:
+        window, seqs = 256, ((1024, 2048) if quick else (1024, 2048, 4096))
+        heads_q, heads_kv, head_dim = 8, 2, 64
+    for seq in seqs:
+        yield _sliding_window_case(device, seq, window, heads_q, heads_kv, head_dim)
+
+
+def _sliding_window_case(device, seq, window, heads_q, heads_kv, head_dim) -> Case:
+    q, k, v = (torch.randn(1, h, seq, head_dim, device=device, dtype=torch.bfloat16)
+               for h in (heads_q, heads_kv, heads_kv))
+    pos = torch.arange(seq, device=device)
+    band = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= pos[:, None] - window)
+    ours = lambda: flash_attention(q, k, v, window_size=(window, 0))  # noqa: E731
+    full_causal = lambda: flash_attention(q, k, v)  # noqa: E731
+    sdpa = lambda: _sdpa_gqa(q, k, v, attn_mask=band)  # noqa: E731
+    pairs = heads_q * sum(min(i, window) + 1 for i in range(seq))  # query-key pairs inside the band
+
+    def roofline(ms: dict[str, float], copy_gbps: float) -> dict:
+        share = ms["ours"] / ms["ours_full_causal"]
+        return {"roofline": f"{ms['ours'] * 1e6 / pairs:.2f} ns per pair in the band; {share:.2f} of full causal "
+                            f"({ms['ours_full_causal']:.1f} ms)", "share_of_full_causal": round(share, 3)}
+
+    return Case(op="flash_attention sliding window fwd", shape=f"b1 h{heads_q}/{heads_kv} s{seq} w{window} d{head_dim}",
+                dtype="bfloat16", ours=ours, baseline=sdpa, baseline_name="SDPA + materialized band mask",
+                check=close_check(ours, sdpa), roofline=roofline, also={"ours_full_causal": full_causal},
+                info={"window": window})
 
 
 def _alibi(device, quick) -> Case:
