@@ -24,16 +24,21 @@ def keys_seen_by_queries(key: Tensor, value: Tensor, key_padding_mask: Tensor | 
     """(key, value, key_padding_mask) ending at the last query's slot.
 
     key / value [B, H, S_k, D]; key_padding_mask None or bool [B, n] with n <= S_k (True =
-    attend); last_slot: the cache slot of the last query, an int or an integer tensor of one
-    value or one per batch row ([B, 1], [1, 1], 0-d), None when unknown (the keys then end there).
+    attend; n < S_k: the first n slots are the tokens seen so far); last_slot: the cache slot
+    of the last query, an int or an integer tensor of one value or one per batch row ([B, 1],
+    [1, 1], 0-d), None when unknown (the keys then end there).
     """
     seq_k = key.shape[2]
+    # Under torch.compile lengths may be symbolic, and keys and values cut to one get sizes of
+    # their own, not known to match: there the keys keep the cache's length and the mask covers it.
+    compiling = torch.compiler.is_compiling()
     if key_padding_mask is not None and key_padding_mask.shape[-1] < seq_k:
-        length = key_padding_mask.shape[-1]
-        return key[:, :, :length], value[:, :, :length], key_padding_mask
+        last_slot = key_padding_mask.shape[-1] - 1
+        if compiling:
+            key_padding_mask = torch.nn.functional.pad(key_padding_mask, (0, seq_k - key_padding_mask.shape[-1]))
     if last_slot is None or seq_k <= num_queries:
         return key, value, key_padding_mask
-    if not isinstance(last_slot, Tensor):
+    if not isinstance(last_slot, Tensor) and not compiling:
         length = last_slot + 1
         if length >= seq_k:
             return key, value, key_padding_mask
@@ -41,16 +46,16 @@ def keys_seen_by_queries(key: Tensor, value: Tensor, key_padding_mask: Tensor | 
         return key[:, :, :length], value[:, :, :length], mask
     batch = key.shape[0]
     slots = torch.arange(seq_k, device=key.device)
-    last = last_slot.to(key.device).reshape(-1, 1)
+    last = last_slot.to(key.device).reshape(-1, 1) if isinstance(last_slot, Tensor) else last_slot
     if num_queries == 1:
-        seen = (slots <= last).expand(batch, seq_k)
+        seen = (slots <= last).reshape(-1, seq_k).expand(batch, seq_k)
         return key, value, seen if key_padding_mask is None else seen & key_padding_mask
     # slot j moves to (j + shift) mod S_k, so the last query's slot lands on the last key
-    shift = (seq_k - 1 - last).clamp(min=0)
-    source = (slots - shift) % seq_k  # [B or 1, S_k]
+    shift = (seq_k - 1 - last).clamp(min=0) if isinstance(last, Tensor) else seq_k - 1 - last
+    source = ((slots - shift) % seq_k).reshape(-1, seq_k)  # [B or 1, S_k]
     index = source[:, None, :, None]
     key, value = torch.take_along_dim(key, index, dim=2), torch.take_along_dim(value, index, dim=2)
-    seen = (slots >= shift).expand(batch, seq_k)
+    seen = (slots >= shift).reshape(-1, seq_k).expand(batch, seq_k)
     if key_padding_mask is not None:
         seen = seen & torch.take_along_dim(key_padding_mask, source.expand(batch, seq_k), dim=1)
     return key, value, seen
