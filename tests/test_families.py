@@ -1,5 +1,5 @@
 """Every model family `patch` knows, on a small random-init fp32 model, against stock
-transformers (its default attention: SDPA, eager for Gemma2): loss and gradients with left-,
+transformers (SDPA, eager for Gemma2): loss and gradients with left-,
 right- and no padding (labels masked at the pads), greedy generation of a left-padded batch
 with a KV cache, packed sequences against one run per document, a PEFT LoRA adapter, and a
 bitsandbytes NF4 base. The windowed families get sequences longer than their window, Gemma2 a
@@ -45,10 +45,15 @@ FAMILIES = list(CONFIGS)
 WINDOWED = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
 
 
+# Gemma2's stock attention is eager: transformers 5.24 picks it (its SDPA refuses softcap),
+# 5.17 picks SDPA, which leaves the softcap out
+STOCK_ATTENTION = {"gemma2": "eager"}
+
+
 def build(family, **overrides):
     torch.manual_seed(0)
     config = AutoConfig.for_model(family, **{**CONFIGS[family], **overrides})
-    return AutoModelForCausalLM.from_config(config).float()
+    return AutoModelForCausalLM.from_config(config, attn_implementation=STOCK_ATTENTION.get(family)).float()
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +166,22 @@ def test_greedy_generation_of_a_left_padded_batch(models, patched, family):
     torch.testing.assert_close(scores, want_scores, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("collator", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_sequences_match_one_run_per_document(models, patched, family):
+def test_packed_sequences_match_one_run_per_document(models, patched, family, collator, monkeypatch):
     lengths = [9, 4, 12]  # two longer than the window
     g = torch.Generator().manual_seed(2)
     docs = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
     model = stock(models, family).eval()
+    kwargs = dict(position_ids=torch.cat([torch.arange(n) for n in lengths])[None])
+    if collator:  # what TRL's padding-free collator adds
+        offsets = torch.tensor([0, 9, 13, 25], dtype=torch.int32)
+        kwargs.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=12, max_length_k=12,
+                      seq_idx=torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None].int())
+    monkeypatch.setattr(patched_attention, "_sdpa_fallback", None)  # the kernels compute every call
     with torch.no_grad():
         want = torch.cat([model(d[None]).logits[0] for d in docs])
-        model = patched(family).eval()
-        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-        got = model(torch.cat(docs)[None], position_ids=position_ids).logits[0]
+        got = patched(family).eval()(torch.cat(docs)[None], **kwargs).logits[0]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -212,7 +222,8 @@ def test_bitsandbytes_nf4_with_lora(models, family, tmp_path):
 
     def qlora_model():
         model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu",
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32,
+                                                     attn_implementation=STOCK_ATTENTION.get(family))
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         torch.manual_seed(1)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

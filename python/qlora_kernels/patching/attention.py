@@ -97,10 +97,11 @@ def _packed_sequences(query: Tensor, kwargs: dict) -> tuple[Tensor | None, int]:
 
 
 # Keyword arguments of transformers' attention interface that do not change what attention
-# computes (the packing ones are read by _packed_sequences).
-_NO_EFFECT = frozenset({"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "use_cache",
-                        "cache_position", "past_key_values", "num_items_in_batch", "output_hidden_states",
-                        "return_dict", "output_router_logits"})
+# computes (the packing ones are read by _packed_sequences; seq_idx, which TRL's padding-free
+# collator adds for linear-attention layers, repeats the packing cu_seq_lens_q gives).
+_NO_EFFECT = frozenset({"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+                        "use_cache", "cache_position", "past_key_values", "num_items_in_batch",
+                        "output_hidden_states", "return_dict", "output_router_logits"})
 # ones the kernels do not implement, harmless when None or False
 _UNLESS_OFF = frozenset({"output_attentions", "position_bias", "head_mask"})
 
