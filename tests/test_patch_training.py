@@ -191,9 +191,7 @@ def _sft_losses(model, out, padding_free, peft_config=None):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                         pad_token="t0", eos_token="t1")
     # lengths 10 ... 31: padded batches, or packed ones (padding_free) whose sequences
-    # restart their position_ids, which patch turns into cu_seqlens (on this random model
-    # attention is near uniform, so the loss hardly sees leaks across packed sequences: the
-    # packing itself is tested in test_attention_models.py)
+    # restart their position_ids, which patch turns into cu_seqlens
     data = Dataset.from_dict({"input_ids": [batch(300 + i, shape=(1, 10 + 3 * i))[0].tolist() for i in range(8)]})
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-3,
                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=_device(model).type == "cpu", seed=0,
@@ -205,15 +203,30 @@ def _sft_losses(model, out, padding_free, peft_config=None):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_trl_sft_trainer_padded_and_padding_free(checkpoints, tmp_path, device):
+def test_trl_sft_trainer_padded_and_padding_free(checkpoints, tmp_path, device, monkeypatch):
+    from qlora_kernels.patching import attention as patched_attention
+
     def build():
         return add_lora(load_4bit(checkpoints / "llama", device=device))
 
+    # the packing the attention calls receive: offsets of the two sequences of each batch
+    packings = []
+
+    def recording(*args, cu_seqlens=None, **kwargs):
+        packings.append(None if cu_seqlens is None else cu_seqlens.tolist())
+        return flash_attention(*args, cu_seqlens=cu_seqlens, **kwargs)
+
+    flash_attention = patched_attention.flash_attention
+    monkeypatch.setattr(patched_attention, "flash_attention", recording)
     stock, _ = _sft_losses(build(), tmp_path / "stock", padding_free=False)
     padded, _ = _sft_losses(qk.patch(build()), tmp_path / "padded", False)
+    assert packings and not any(packings)
+    packings.clear()
     packed, _ = _sft_losses(qk.patch(build()), tmp_path / "packed", True)
+    assert packings and all(p is not None and len(p) == 3 and p[0] == 0 for p in packings), packings
     assert len(stock) == 4
     torch.testing.assert_close(padded, stock, atol=1e-4, rtol=1e-4)
+    # attending across the two sequences moves these losses by about 2e-2
     torch.testing.assert_close(packed, stock, atol=5e-4, rtol=1e-4)
 
 
