@@ -154,16 +154,20 @@ def test_alibi_is_the_symmetric_form():
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
 
 
-def test_rows_with_no_key_get_the_sink():
-    # batch row 0 has every key padded; with Sq > Sk the first queries sit before the cache
-    q, k, v = _qkv(4, 2, torch.float32)
-    kw = _features(("sinks",), Sk=2)
-    mask = torch.ones(B, 2, dtype=torch.bool, device=DEVICE)
+@pytest.mark.parametrize(("seq_q", "seq_k"), ((3, 40), (4, 2)))
+def test_rows_with_no_key_get_the_sink(seq_q, seq_k):
+    # batch row 0 has every key padded (over 3 splits with 40 keys); with Sq > Sk the first
+    # queries sit before the cache
+    q, k, v = _qkv(seq_q, seq_k, torch.float32)
+    kw = _features(("sinks",))
+    mask = torch.ones(B, seq_k, dtype=torch.bool, device=DEVICE)
     mask[0] = False
-    out, lse = flash_decode_triton(q, k, v, key_padding_mask=mask, num_splits=2, **kw)
-    sink = kw["sinks"].view(HQ, 1).expand(HQ, 4)
+    out, lse = flash_decode_triton(q, k, v, key_padding_mask=mask, num_splits=3, **kw)
+    sink = kw["sinks"].view(HQ, 1).expand(HQ, seq_q)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(lse[0], sink)
-    assert torch.equal(out[1, :, :2], torch.zeros_like(out[1, :, :2])) and torch.equal(lse[1, :, :2], sink[:, :2])
+    before = max(0, seq_q - seq_k)
+    assert torch.equal(out[1, :, :before], torch.zeros_like(out[1, :, :before]))
+    assert torch.equal(lse[1, :, :before], sink[:, :before])
     want_out, want_lse = _reference(q.double(), k.double(), v.double(), key_padding_mask=mask, **kw)
     torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=0)
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=0)
