@@ -183,29 +183,41 @@ def _dequant_case(dtype_name: str, blocksize: int, double_quant: bool) -> Case:
 
 
 def _attention_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bool = True, group: int = 4,
-                    varlen: bool = False, causal: bool = True) -> Case:
+                    varlen: bool = False, causal: bool = True, features: bool = True) -> Case:
     """Forward + backward. Dense inputs are [B, H, S, D] views of [B, S, H, D] (what HF passes);
-    varlen is packed [T, H, D] with cu_seqlens."""
+    varlen is packed [T, H, D] with cu_seqlens. With `features`: a sliding window (37 keys back,
+    and 11 ahead without the causal mask), logit softcap, sinks, a gradient into lse, and for
+    varlen keys packed apart from queries (cu_seqlens_k)."""
     dtype = getattr(torch, dtype_name)
     heads_kv = 2
     heads_q = heads_kv * group
     B, S = 2, 100
     flags = [f"D{head_dim}", "causal" if causal else "full", f"group{group}"]
     flags += ["alibi"] * alibi + ["padding"] * padding + ["varlen"] * varlen
+    flags += ["window softcap sinks dlse"] * features + ["cu_seqlens_k"] * (features and varlen)
 
     def run():
         slopes = _empty(heads_q, dtype=torch.float32) if alibi else None
+        extra = {}
+        if features:
+            extra = dict(window_left=37, window_right=-1 if causal else 11, softcap=30.0,
+                         sinks=_empty(heads_q, dtype=torch.float32))
         if varlen:
-            q, k, v = (_empty(B * S, h, head_dim, dtype=dtype) for h in (heads_q, heads_kv, heads_kv))
-            extra = dict(cu_seqlens=torch.tensor([0, 37, B * S], dtype=torch.int32), max_seqlen=B * S - 37)
+            keys = B * S + 20 if features else B * S
+            q = _empty(B * S, heads_q, head_dim, dtype=dtype)
+            k, v = (_empty(keys, heads_kv, head_dim, dtype=dtype) for _ in range(2))
+            extra.update(cu_seqlens=torch.tensor([0, 37, B * S], dtype=torch.int32), max_seqlen=B * S - 37)
+            if features:
+                extra.update(cu_seqlens_k=torch.tensor([0, 57, keys], dtype=torch.int32), max_seqlen_k=keys - 57)
             lse_shape = (heads_q, B * S)
         else:
             q, k, v = (_empty(B, S, h, head_dim, dtype=dtype).transpose(1, 2) for h in (heads_q, heads_kv, heads_kv))
-            extra = dict(key_padding_mask=torch.ones(B, S, dtype=torch.bool) if padding else None)
+            extra.update(key_padding_mask=torch.ones(B, S, dtype=torch.bool) if padding else None)
             lse_shape = (B, heads_q, S)
         out, _ = flash_attention_fwd_triton(q, k, v, causal, None, slopes, **extra)
+        dlse = _empty(*lse_shape, dtype=torch.float32) if features else None
         flash_attention_bwd_triton(torch.empty_like(out), q, k, v, out, _empty(*lse_shape, dtype=torch.float32),
-                                   causal, None, slopes, **extra)
+                                   causal, None, slopes, dlse=dlse, **extra)
 
     return Case(f"{dtype_name} {' '.join(flags)}", dtype_name, run)
 
@@ -242,8 +254,9 @@ def cases(full: bool) -> list[Case]:
     table: each W path of the LoRA kernels (dense; NF4 with one absmax per tile row or per
     element; blocksize 32, 64, 128; double quant or not), each compute dtype and TF32, ranks
     giving each BLOCK_R, each head dim and attention feature, mostly at their most demanding
-    (dropout, bias, rank 64; ALiBi, padding, GQA). fp16 and bf16 compile alike, so fp16 stands
-    for both in some cases and bf16 in the rest. `full` crosses all of them."""
+    (dropout, bias, rank 64; ALiBi, padding, GQA, window, softcap, sinks, dlse). fp16 and bf16
+    compile alike, so fp16 stands for both in some cases and bf16 in the rest. `full` crosses
+    all of them."""
     out = [_dropout_mask_case()]
     if full:
         weights = ("dense", "nf4-bs64", "nf4-bs32", "nf4-bs128", "nf4-bs64-k%64", "nf4-bs64-nodq")
@@ -259,9 +272,11 @@ def cases(full: bool) -> list[Case]:
             for d in (64, 128, 256):
                 for alibi in (False, True):
                     for group in (1, 4):
-                        out += [_attention_case(dtype, d, alibi, alibi, group),
-                                _attention_case(dtype, d, alibi, False, group, varlen=True)]
-                out += [_attention_case(dtype, d, causal=False), _decode_case(dtype, d, False, False, False),
+                        for features in (False, True):
+                            out += [_attention_case(dtype, d, alibi, alibi, group, features=features),
+                                    _attention_case(dtype, d, alibi, False, group, varlen=True, features=features)]
+                out += [_attention_case(dtype, d, causal=False, features=False),
+                        _attention_case(dtype, d, causal=False), _decode_case(dtype, d, False, False, False),
                         _decode_case(dtype, d), _decode_case(dtype, d, padding=False, varlen=True)]
         return out
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
@@ -274,7 +289,8 @@ def cases(full: bool) -> list[Case]:
     out += [_dequant_case("bfloat16", 64, True), _dequant_case("float16", 32, False), _dequant_case("float32", 128, True)]
     out += [_attention_case(dtype, d) for dtype in ("bfloat16", "float32") for d in (64, 128, 256)]
     out += [_attention_case("bfloat16", 128, False, False, 1, varlen=True),
-            _attention_case("bfloat16", 64, False, False, 1, causal=False)]
+            _attention_case("bfloat16", 64, False, False, 1, causal=False),
+            _attention_case("bfloat16", 128, features=False)]
     out += [_decode_case("bfloat16", d) for d in (64, 128, 256)] + [_decode_case("float32", 256)]
     out += [_decode_case("bfloat16", 128, padding=False, varlen=True)]
     return out

@@ -273,6 +273,10 @@ FEATURES = {
     "window-right-full": (1, 2, 2, 40, 30, 32, dict(causal=False, window_right=4), False),
     "window-both-full": (2, 2, 2, 40, 50, 32, dict(causal=False, window_left=6, window_right=3), True),
     "window-0-0": (1, 2, 2, 20, 33, 16, dict(causal=False, window_left=0, window_right=0), False),
+    # windows wider than a tile: blocks inside the window take the unmasked path
+    "window-wide-causal": (1, 2, 2, 100, 100, 32, dict(window_left=55, softcap=2.0), True),
+    "window-wide-full": (1, 2, 1, 90, 110, 32, dict(causal=False, window_left=50, window_right=45,
+                                                   alibi_slopes="alibi"), False),
     "window-sq>sk": (1, 2, 2, 40, 24, 32, dict(window_left=3), True),  # rows that see no key
     "softcap": (1, 2, 2, 33, 33, 32, dict(softcap=1.5), False),
     "softcap-full-dlse": (1, 2, 1, 20, 37, 64, dict(causal=False, softcap=2.0), True),
@@ -463,6 +467,8 @@ SKIPPING = {
     "window-sq>sk": (80, 50, dict(window_left=12)),
     "window-right-full": (50, 70, dict(causal=False, window_right=5)),
     "full": (40, 50, dict(causal=False)),
+    "window-wide-causal": (130, 130, dict(window_left=60)),
+    "window-wide-full": (100, 120, dict(causal=False, window_left=50, window_right=40)),
 }
 
 
@@ -486,6 +492,7 @@ def test_only_tiles_with_visible_keys_are_computed(name, monkeypatch):
         visited, unmasked = _tiles_with_visible_keys(keep, cfg.BLOCK_M, cfg.BLOCK_N, keys_must_exist=not transposed)
         assert {(m, n) for m, n, _ in got} == visited, kind
         assert {(m, n) for m, n, masked in got if not masked} == unmasked, kind
+        assert unmasked or "wide" not in name, f"{kind}: no tile inside the window to test the unmasked path with"
     if name == "window-causal":  # 11 keys of 200: tiles grow with S·W, not the S² / 2 of causal
         causal = _tiles_with_visible_keys(ref.keep_mask(Sq, Sk, True), configs["fwd"].BLOCK_M, configs["fwd"].BLOCK_N,
                                           True)[0]

@@ -98,6 +98,12 @@ _FP32_CONFIGS = {
     "dkdv": {64: _Config(16, 32, 8, 2), 128: _Config(16, 16, 8, 2), 256: _Config(16, 16, 8, 1)},
     "dq": {64: _Config(32, 16, 4, 2), 128: _Config(16, 16, 4, 2), 256: _Config(16, 16, 8, 2)},
 }
+# Softcap keeps tanh's tile live until dS in the dK/dV loop; where the entries above then
+# spill (static check), narrower ones, keyed by fp32 and BLOCK_D.
+_SOFTCAP_DKDV_CONFIGS = {
+    False: {64: _Config(16, 32, 8, 3), 128: _Config(16, 32, 8, 3)},
+    True: {64: _Config(16, 16, 8, 1), 128: _Config(16, 16, 8, 1)},
+}
 # The interpreter runs tiles as numpy arrays: small tiles keep tests fast, and the
 # uneven BLOCK_M / BLOCK_N mirror the GPU tables so the stage boundaries get exercised.
 _INTERPRETER_CONFIGS = {"fwd": _Config(32, 16, 1, 1), "dkdv": _Config(16, 32, 1, 1), "dq": _Config(32, 16, 1, 1)}
@@ -126,9 +132,10 @@ def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _tanh(x):
     # through exp2 (one ex2.approx on NVIDIA): libdevice's tanh does not run under the
-    # interpreter. exp2(-2|x| log2 e) stays in (0, 1], so nothing overflows.
+    # interpreter. exp2(-2|x| log2 e) stays in (0, 1], so nothing overflows; the fast
+    # division (2 ulp) has no slow path, whose call frame would cost local memory.
     t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
-    y = (1.0 - t) / (1.0 + t)
+    y = tl.fdiv(1.0 - t, 1.0 + t)
     return tl.where(x < 0, -y, y)
 
 
@@ -562,11 +569,14 @@ def _interpreting() -> bool:
     return not isinstance(_fwd_kernel, JITFunction)
 
 
-def _config(kind: str, block_d: int, dtype: torch.dtype) -> _Config:
+def _config(kind: str, block_d: int, dtype: torch.dtype, softcap: bool = False) -> _Config:
     if _interpreting():
         return _INTERPRETER_CONFIGS[kind]
-    table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
-    return table[kind][max(64, block_d)]
+    fp32 = dtype == torch.float32
+    block_d = max(64, block_d)
+    if softcap and kind == "dkdv" and block_d in _SOFTCAP_DKDV_CONFIGS[fp32]:
+        return _SOFTCAP_DKDV_CONFIGS[fp32][block_d]
+    return (_FP32_CONFIGS if fp32 else _CONFIGS)[kind][block_d]
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -758,7 +768,7 @@ def flash_attention_bwd_triton(
         # per-row terms summed by torch: deterministic, no atomics
         dsinks = -sink_term.sum(dim=1 if pb.varlen else (0, 2))
     if dk.numel():
-        cfg = _config("dkdv", flags["BLOCK_D"], q.dtype)
+        cfg = _config("dkdv", flags["BLOCK_D"], q.dtype, flags["SOFTCAP"])
         _bwd_dkdv_kernel[(triton.cdiv(pb.seqlen_k, cfg.BLOCK_N), pb.heads_q // pb.group, pb.num_seqs)](
             q, k, v, dout, dk, dv, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens, pb.cu_seqlens_k,
             *qkv_strides, *do_strides, *_bhm_strides(dk, pb.varlen), *_bhm_strides(dv, pb.varlen),
