@@ -75,11 +75,11 @@ def test_patched_bloom_attention_runs_without_transformers_alibi_slopes(monkeypa
     # transformers 5.17 has no _get_alibi_slopes; BloomModel.forward of later releases does
     # use it, so each attention layer is called on the inputs stock Bloom gave it
     monkeypatch.delattr(modeling_bloom, "_get_alibi_slopes", raising=False)
-    keep = mask.bool()
     for module, args, kwargs, want in calls:
         with torch.no_grad():
             got, _ = module(*args, **kwargs)
-        torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
+        # the left pads too: their queries see no key, and get stock's mean of the values
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # --- packed sequences ----------------------------------------------------------------------
@@ -233,14 +233,51 @@ def test_packing_under_compile_is_read_once_per_forward(monkeypatch, train):
             assert len(reads) == 1
 
 
-def test_bloom_reads_nothing_from_the_device(host_reads):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_bloom_reads_nothing_from_the_device(host_reads, cache):
+    # left padding (queries that see no key are found on the device) and a static cache (its
+    # length is a device value) included: a prefill of 12 tokens, then 3 more at once
+    from transformers import StaticCache
+
     model = _bloom(4, layers=4)
-    ids = torch.randint(3, 128, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
+    ids, more = torch.randint(3, 128, (2, 12)), torch.randint(3, 128, (2, 3))
+    mask = torch.ones(2, 18, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[:, 15:] = 0  # the cache's empty slots, as Bloom's generate pads its mask
+
+    def logits():
+        past = StaticCache(config=model.config, max_cache_len=18) if cache else None
+        first = model(ids, attention_mask=mask[:, :12] if past is None else mask, past_key_values=past).logits
+        if past is None:
+            return first
+        return torch.cat([first, model(more, attention_mask=mask, past_key_values=past).logits], 1)
+
+    with torch.no_grad():
+        want = logits()
+        patch_attention(model)
+        host_reads.clear()
+        got = logits()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert not host_reads, host_reads
+
+
+def test_rows_without_key_are_read_once_per_batch_and_window(host_reads):
+    # Gemma2's attention was eager before the patch: its left pads get eager's value, and the
+    # pads are found on the host once per forward and window, not in each of the 4 layers
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                          query_pre_attn_scalar=16, attn_implementation="eager")
+    model = Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
         patch_attention(model)
         host_reads.clear()
         got = model(ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    assert not host_reads, host_reads
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)  # the pads' rows too
+    assert host_reads == {"nonzero": 2}, host_reads

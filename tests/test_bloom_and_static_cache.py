@@ -130,7 +130,9 @@ def test_prefill_and_a_chunk_into_a_static_cache_match_stock(family, padding):
 
     def chunks():
         cache = _cache(model)
-        masks = [_static_mask(model, m) for m in (mask, full_mask)] if padding != "none" else (None, None)
+        # stock Bloom on transformers 5.17 needs a mask with a static cache
+        given = padding != "none" or family == "bloom"
+        masks = [_static_mask(model, m) for m in (mask, full_mask)] if given else (None, None)
         with torch.no_grad():
             first = model(ids, attention_mask=masks[0], past_key_values=cache).logits
             second = model(more, attention_mask=masks[1], past_key_values=cache).logits
