@@ -162,6 +162,35 @@ def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, 
     return torch.where(keep.any(-1).transpose(1, 2)[..., None], out, 0), None
 
 
+# Rows with no key, per padding mask (the layers of a forward share one per kind of layer) and
+# per (causal, window, Sq, Sk): the device is read once per batch and window, not per layer.
+_no_key_rows: dict[int, tuple[weakref.ref, int, dict]] = {}
+
+
+def _rows_without_key(key_padding_mask: Tensor, causal: bool, window: tuple[int, int], Sq: int,
+                      Sk: int) -> tuple[Tensor, Tensor]:
+    """(batch, row) indices of the queries that see no key."""
+    version = None if key_padding_mask.is_inference() else key_padding_mask._version
+    entry = _no_key_rows.get(id(key_padding_mask))
+    if entry is None or entry[0]() is not key_padding_mask or entry[1] != version:
+        for dead in [k for k, (ref, _, _) in _no_key_rows.items() if ref() is None]:
+            del _no_key_rows[dead]
+        entry = (weakref.ref(key_padding_mask), version, {})
+        if version is not None:
+            _no_key_rows[id(key_padding_mask)] = entry
+    shape = (causal, window, Sq, Sk)
+    if shape not in entry[2]:
+        left, right = window
+        position = torch.arange(Sq, device=key_padding_mask.device) + (Sk - Sq)
+        first = (position - left).clamp(min=0) if left >= 0 else torch.zeros_like(position)
+        last = position if causal else torch.full_like(position, Sk - 1)
+        if right >= 0:
+            last = torch.minimum(last, position + right)
+        kept = torch.nn.functional.pad(key_padding_mask.int().cumsum(1), (1, 0))
+        entry[2][shape] = torch.nonzero(kept[:, last + 1] - kept[:, first] <= 0, as_tuple=True)
+    return entry[2][shape]
+
+
 def _eager_where_no_key(out: Tensor, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor,
                         causal: bool, window: tuple[int, int], scaling: float | None, softcap: float) -> Tensor:
     """`out` [B, H, Sq, D] with eager attention's value in the rows whose query sees no key.
@@ -169,17 +198,10 @@ def _eager_where_no_key(out: Tensor, query: Tensor, key: Tensor, value: Tensor, 
     Eager attention adds the mask's minimum to every score of such a row, which absorbs the
     scores: softmax is uniform over all keys, so the row is the mean of every value, and its
     gradient still reaches the query and keys through softmax's Jacobian. The loss sees that
-    row where the last left pad predicts the first token. Rows are found on the host, once per
-    call with a padding mask, on models whose attention was eager before the patch only."""
+    row where the last left pad predicts the first token. Only on models whose attention was
+    eager before the patch."""
     Sq, Sk = query.shape[2], key.shape[2]
-    left, right = window
-    position = torch.arange(Sq, device=query.device) + (Sk - Sq)
-    first = (position - left).clamp(min=0) if left >= 0 else torch.zeros_like(position)
-    last = position if causal else torch.full_like(position, Sk - 1)
-    if right >= 0:
-        last = torch.minimum(last, position + right)
-    kept = torch.nn.functional.pad(key_padding_mask.int().cumsum(1), (1, 0))
-    batch, row = torch.nonzero(kept[:, last + 1] - kept[:, first] <= 0, as_tuple=True)
+    batch, row = _rows_without_key(key_padding_mask, causal, window, Sq, Sk)
     if batch.numel() == 0:
         return out
     groups = query.shape[1] // key.shape[1]
