@@ -185,7 +185,7 @@ def test_packed_sequences_match_one_run_per_document(models, patched, family, co
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_peft_lora_patched_after_get_peft_model(models, family):
     from peft import LoraConfig, get_peft_model
 
@@ -210,7 +210,7 @@ def test_peft_lora_patched_after_get_peft_model(models, family):
         torch.testing.assert_close(grads[name], want_grads[name], atol=5e-5, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_bitsandbytes_nf4_with_lora(models, family, tmp_path):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
@@ -322,6 +322,26 @@ def test_strict_raises_instead_of_falling_back(models, fresh_warnings):
         model.config.attention_dropout = 0.0
         unpatch_attention(model)
     assert not hasattr(model.model.layers[0].self_attn, "_qlora_kernels_strict")
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_patch_strict_reaches_the_attention_function(models, fresh_warnings, strict):
+    model = stock(models, "qwen2")
+    qk.patch(model, strict=strict)
+    ids = torch.randint(3, VOCAB, (1, 8))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if strict:
+                with pytest.raises(NotImplementedError, match="'attention_temperature'.*strict=True"):
+                    model(ids, attention_temperature=2.0)
+            else:
+                with torch.no_grad():
+                    got = model(ids, attention_temperature=2.0).logits
+                    torch.testing.assert_close(got, model(ids).logits, atol=2e-5, rtol=1e-4)
+        assert any("'attention_temperature'" in str(w.message) for w in caught) != strict
+    finally:
+        qk.unpatch(model)
 
 
 def test_softcap_or_sinks_with_dropout_is_refused(attention_module, fresh_warnings):
