@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.masking_utils import sliding_window_bidirectional_overlay, sliding_window_overlay
+from transformers.masking_utils import sliding_window_overlay
 
 import qlora_kernels as qk
 from qlora_kernels.patching import SUPPORTED, patch_attention, unpatch_attention
@@ -116,16 +116,30 @@ def test_registry_lists_every_family():
 @pytest.mark.parametrize("sliding_window", [1, 3, 5])
 @pytest.mark.parametrize("causal", [True, False])
 def test_window_size_is_transformers_sliding_window(sliding_window, causal):
-    # transformers' masks: kv_idx > q_idx - W under a causal mask, |q_idx - kv_idx| <= W
-    # without one (the kernels' windows are bottom-right aligned: keys past the queries)
+    # transformers' masks: kv_idx > q_idx - W under a causal mask, |q_idx - kv_idx| < W in
+    # Gemma3's bidirectional layers (the kernels' windows are bottom-right aligned: the 4 keys
+    # before the queries are cached ones)
+    from transformers.models.gemma3.modeling_gemma3 import _bidirectional_window_overlay
+
     q, kv = torch.arange(8)[:, None] + 4, torch.arange(12)[None, :]
-    window = patched_attention.window_size(sliding_window)
     if causal:
         expected = sliding_window_overlay(sliding_window)(0, 0, q, kv) & (kv <= q)
     else:
-        expected = sliding_window_bidirectional_overlay(sliding_window)(0, 0, q, kv)
-        window = (sliding_window, sliding_window)
-    assert torch.equal(keep_mask(8, 12, causal, window), expected)
+        expected = _bidirectional_window_overlay(sliding_window)(0, 0, q, kv)
+    assert torch.equal(keep_mask(8, 12, causal, patched_attention.window_size(sliding_window)), expected)
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_gemma3_bidirectional_window_matches_stock(padding):
+    model = build("gemma3_text", use_bidirectional_attention=True)
+    ids, mask = padded_batch(padding)
+    want_logits, want_loss, want_grads = loss_and_grads(model, ids, mask)
+    assert patch_attention(model)
+    logits, loss, grads = loss_and_grads(model, ids, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(logits[keep], want_logits[keep], atol=2e-5, rtol=1e-4)
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=5e-5, rtol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True])

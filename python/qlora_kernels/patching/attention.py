@@ -131,7 +131,7 @@ def _not_in_kernels(dropout: float, attention_mask: Tensor | None, kwargs: dict)
 def window_size(sliding_window: int | None) -> tuple[int, int]:
     """transformers' `sliding_window` W as flash-attn's (left, right): a query sees the W keys
     ending at its own position (W - 1 before it) under a causal mask, and the keys less than W
-    away on either side without one."""
+    away on either side without one (Gemma3's bidirectional layers)."""
     if sliding_window is None:
         return (-1, -1)
     if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
