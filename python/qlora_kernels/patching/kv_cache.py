@@ -5,12 +5,14 @@ decoding) hands attention its whole preallocated length, and the slots past the 
 far are empty. The kernels align the causal mask bottom-right (the last query sees up to the last
 key), so the keys must end at the last query's slot:
 - a 2-D padding mask shorter than the keys (transformers' flash-attention mask function gives the
-  mask of the tokens seen so far) says how many: keys and values are cut to its length, a shape
-  known on the host;
+  mask of the tokens seen so far) says how many: its length, a shape, not a device value;
 - otherwise the caller gives the last query's slot (position_ids, the cache's length), a device
-  value: one query (decode) masks the empty slots; several queries (a prefill into the cache)
-  rotate keys and values so the seen ones end last and mask the empty ones that then come first.
-  Neither reads the device, so both compile into one graph.
+  value.
+A slot known on the host cuts keys and values there. A device value, or any slot under
+torch.compile (where a cut to a symbolic length would give keys and values sizes not known to
+match): one query (decode) masks the empty slots; several queries (a prefill into the cache)
+rotate keys and values so that the seen ones end last, and mask the empty ones, which then come
+first. Nothing reads the device, so a compiled forward stays one graph.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ def keys_seen_by_queries(key: Tensor, value: Tensor, key_padding_mask: Tensor | 
     [1, 1], 0-d), None when unknown (the keys then end there).
     """
     seq_k = key.shape[2]
-    # Under torch.compile lengths may be symbolic, and keys and values cut to one get sizes of
-    # their own, not known to match: there the keys keep the cache's length and the mask covers it.
     compiling = torch.compiler.is_compiling()
     if key_padding_mask is not None and key_padding_mask.shape[-1] < seq_k:
         last_slot = key_padding_mask.shape[-1] - 1
@@ -51,7 +51,7 @@ def keys_seen_by_queries(key: Tensor, value: Tensor, key_padding_mask: Tensor | 
         seen = (slots <= last).reshape(-1, seq_k).expand(batch, seq_k)
         return key, value, seen if key_padding_mask is None else seen & key_padding_mask
     # slot j moves to (j + shift) mod S_k, so the last query's slot lands on the last key
-    shift = (seq_k - 1 - last).clamp(min=0) if isinstance(last, Tensor) else seq_k - 1 - last
+    shift = (seq_k - 1 - last).clamp(min=0) if isinstance(last, Tensor) else torch.sym_max(seq_k - 1 - last, 0)
     source = ((slots - shift) % seq_k).reshape(-1, seq_k)  # [B or 1, S_k]
     index = source[:, None, :, None]
     key, value = torch.take_along_dim(key, index, dim=2), torch.take_along_dim(value, index, dim=2)
