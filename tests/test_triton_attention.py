@@ -502,12 +502,14 @@ def test_only_tiles_with_visible_keys_are_computed(name, monkeypatch):
 # Real sizes, GPU only: the reference materializes [B, H, S, S] fp32 scores (a few GiB).
 
 
-def _gpu_check(B, Hq, Hkv, S, D, causal=True, padding=False, alibi=False):
+def _gpu_check(B, Hq, Hkv, S, D, causal=True, padding=False, alibi=False, **features):
+    """features: the launcher's window_left, window_right, softcap, sinks."""
     q, k, v = _qkv(B, Hq, Hkv, S, S, D, torch.bfloat16, transposed=True)
     dout = torch.randn(B, Hq, S, D, device=DEVICE, dtype=torch.bfloat16)
     kw = dict(causal=causal, alibi_slopes=_slopes(Hq) if alibi else None,
               key_padding_mask=_padding(B, S) if padding else None)
-    out, lse, grads = _run(q, k, v, dout, **kw)
+    out, lse, grads = _run(q, k, v, dout, **kw, **features)
+    kw = _ref_kw(dict(kw, **features))
     exact_out, exact_grads = _grads(lambda *t: ref.flash_attention(*t, **kw), [t.float() for t in (q, k, v)],
                                     dout.float())
     exact_lse = ref.flash_attention(q.float(), k.float(), v.float(), **kw)[1]
@@ -528,6 +530,13 @@ def test_gpu_llama_size(causal):
 @needs_gpu
 def test_gpu_head_dims(D):
     _gpu_check(2, 8, 2, 640, D, padding=True, alibi=True)
+
+
+@pytest.mark.parametrize("D", (64, 128, 256))
+@needs_gpu
+def test_gpu_window_softcap_sinks(D):
+    # Mistral / Gemma 2 style: a 512-key window, softcap, sinks, over 2048 tokens
+    _gpu_check(1, 8, 2, 2048, D, alibi=True, window_left=511, softcap=30.0, sinks=_sinks(8))
 
 
 @needs_gpu
