@@ -162,6 +162,22 @@ def test_loss_and_gradients_match_stock(models, patched, family, padding):
         torch.testing.assert_close(grads[name], want_grads[name], atol=5e-5, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("replaced", ["eager", "sdpa"])
+def test_left_pads_get_what_the_replaced_attention_gives_them(replaced):
+    # the last left pad predicts the first token, so the loss sees the pads' rows: eager's
+    # mean of the values, SDPA's 0
+    model = build("mistral")
+    model.set_attn_implementation(replaced)
+    ids, mask = padded_batch("left")
+    want_logits, want_loss, want_grads = loss_and_grads(model, ids, mask)
+    patch_attention(model)
+    logits, loss, grads = loss_and_grads(model, ids, mask)
+    torch.testing.assert_close(logits, want_logits, atol=2e-5, rtol=1e-4)  # the pads' too
+    torch.testing.assert_close(loss, want_loss, atol=2e-6, rtol=1e-5)
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=5e-5, rtol=1e-3, msg=name)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_of_a_left_padded_batch(models, patched, family):
     ids, mask = padded_batch("left", seed=1)
