@@ -125,9 +125,9 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
         can wrap: for LoRA training call patch after get_peft_model.
     strict: an unsupported architecture or layer raises ValueError before anything changes;
         with strict=False the rest is patched and what was skipped is warned about and listed
-        in `patch_report(model).skipped`. Likewise an attention call the kernels do not
-        implement (attention dropout, a custom 4-D mask, an unknown keyword) raises
-        NotImplementedError; with strict=False SDPA computes it, with one warning per reason.
+        in `patch_report(model).skipped`. An attention call the kernels do not implement
+        (attention dropout, a custom 4-D mask, an unknown keyword) runs through SDPA with one
+        warning per reason; `patch_attention(model, strict=True)` makes those raise.
 
     Returns `model`. Patching again changes nothing that is already patched. Layer names in
     the report are relative to the transformers model (PEFT's `get_base_model()`).
@@ -158,7 +158,7 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
 
     report.family = model_type if supported else report.family
     if attention and supported:
-        report.attention = ", ".join(patch_attention(hf, strict=strict))
+        report.attention = ", ".join(patch_attention(hf))
     targets = quantize_targets(root) if quantize == "nf4" else []
     if targets:
         dtype = targets[0][1].weight.dtype
