@@ -47,6 +47,7 @@ from qlora_kernels.triton.flash_attention import (
     _interpreting,
     _load_rows,
     _load_rows_t,
+    _tanh,
     _unit_last,
 )
 
@@ -54,15 +55,6 @@ __all__ = ["flash_decode_triton"]
 
 # A row's partials are merged in one [splits, BLOCK_D] tile, which this keeps in registers.
 MAX_SPLITS = 64
-
-
-@triton.jit
-def _tanh(x):
-    # through exp2 (one ex2.approx on NVIDIA): libdevice's tanh does not run under the
-    # interpreter. exp2(-2|x| log2 e) stays in (0, 1], so nothing overflows.
-    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
 
 
 @triton.jit
