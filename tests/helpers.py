@@ -91,3 +91,24 @@ def peft_like_lora(x, w, bias, lora_A, lora_B, scaling, keep, p):
     base = torch.nn.functional.linear(x, w, bias)
     dropped = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
     return base + (dropped @ lora_A.t()) @ lora_B.t() * scaling
+
+
+def tiny_causal_lm(family: str, hidden: int = 64, dtype=torch.float32, device="cpu"):
+    """A random-init 2-layer Llama (GQA 4/2), OPT or Bloom of width `hidden` (seed 0): MLP and
+    position tables twice that."""
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=2 * hidden))
+    elif family == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2,
+                                         num_attention_heads=4, word_embed_proj_dim=hidden, dropout=0.0,
+                                         attention_dropout=0.0, max_position_embeddings=2 * hidden))
+    elif family == "bloom":
+        model = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=hidden, n_layer=2, n_head=4))
+    else:
+        raise ValueError(f"no tiny model for {family!r}")
+    return model.to(device=device, dtype=dtype)

@@ -5,25 +5,14 @@ criteria: fp32 ones within summation-order tolerances, bf16 ones by the 2x rule.
 
 import pytest
 import torch
-from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from qlora_kernels.patching import patch_attention, unpatch_attention
 
-from helpers import DEVICES, grad_error
+from helpers import DEVICES, grad_error, tiny_causal_lm
 
 
 def make(family, dtype=torch.float32, device="cpu"):
-    torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
-    elif family == "opt":
-        model = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                         num_attention_heads=4, word_embed_proj_dim=64, dropout=0.0,
-                                         attention_dropout=0.0, max_position_embeddings=128))
-    else:
-        model = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4))
-    return model.to(device=device, dtype=dtype)
+    return tiny_causal_lm(family, 64, dtype, device)
 
 
 FAMILIES = ["llama", "opt", "bloom"]

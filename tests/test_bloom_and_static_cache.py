@@ -5,29 +5,20 @@ chunks, greedy generation, compiled decoding) and Bloom under torch.compile(full
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
-                          StaticCache)
+from transformers import StaticCache
 
 from qlora_kernels import flash_attention
 from qlora_kernels.patching import patch_attention
 from qlora_kernels.patching.kv_cache import keys_seen_by_queries
 from qlora_kernels.reference.attention import flash_attention as reference_attention
 
+from helpers import tiny_causal_lm
+
 FAMILIES = ["llama", "opt", "bloom"]
 
 
 def make(family):
-    torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    elif family == "opt":
-        model = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                         num_attention_heads=4, word_embed_proj_dim=32, dropout=0.0,
-                                         attention_dropout=0.0, max_position_embeddings=64))
-    else:
-        model = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4))
-    return model.eval()
+    return tiny_causal_lm(family, 32).eval()
 
 
 def _batch(padding, length=12, pads=4):
