@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+
+from qlora_kernels.reference.attention import keep_mask
 
 # Whole-model tests run on the CPU and, on a CUDA machine (`pytest -m gpu`), on the GPU:
 # bitsandbytes' CUDA kernels against ours
@@ -112,3 +116,32 @@ def tiny_causal_lm(family: str, hidden: int = 64, dtype=torch.float32, device="c
     else:
         raise ValueError(f"no tiny model for {family!r}")
     return model.to(device=device, dtype=dtype)
+
+
+def attention_in_dtype(dtype, q, k, v, causal=True, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
+                  window_size=(-1, -1), softcap=0.0, sinks=None):
+    """The reference's math carried out in `dtype` (matmuls and softmax), differentiable:
+    the low-precision baseline of the honest tolerance."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(Hq // Hkv, 1), v.to(dtype).repeat_interleave(Hq // Hkv, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    row = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
+    col = torch.arange(Sk, device=q.device)[None, :]
+    if alibi_slopes is not None:
+        scores = scores - (alibi_slopes.view(1, Hq, 1, 1) * (col - row).abs()).to(dtype)
+    keep = keep_mask(Sq, Sk, causal, window_size, q.device).view(1, 1, Sq, Sk)
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask.view(B, 1, 1, Sk)
+    keep = keep.expand(B, Hq, Sq, Sk)
+    scores = torch.where(keep, scores, torch.full_like(scores, -math.inf))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.to(dtype).view(1, Hq, 1, 1).expand(B, Hq, Sq, 1)], dim=-1)
+        keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
+    any_key = keep.any(-1, keepdim=True)
+    scores = torch.where(any_key, scores, torch.zeros_like(scores))
+    probs = (torch.softmax(scores, -1) * any_key)[..., :Sk]
+    return torch.matmul(probs, v)

@@ -5,7 +5,6 @@ kernel's error against an fp64 reference may be at most twice the error of the s
 done in the low dtype (plus a small eps), the usual FlashAttention test criterion.
 """
 
-import math
 import os
 
 import numpy as np
@@ -21,6 +20,8 @@ from qlora_kernels.reference import attention as ref  # noqa: E402
 from qlora_kernels.triton import flash_attention  # noqa: E402
 from qlora_kernels.triton.flash_attention import flash_attention_bwd_triton, flash_attention_fwd_triton  # noqa: E402
 from qlora_kernels.triton.flash_decode import flash_decode_triton  # noqa: E402
+
+from helpers import attention_in_dtype  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,35 +52,6 @@ def _padding(B, Sk, seed=0):
 
 def _slopes(Hq):
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / Hq) for h in range(Hq)], device=DEVICE)
-
-
-def _attention_in(dtype, q, k, v, causal=True, softmax_scale=None, alibi_slopes=None, key_padding_mask=None,
-                  window_size=(-1, -1), softcap=0.0, sinks=None):
-    """The reference's math carried out in `dtype` (matmuls and softmax), differentiable:
-    the low-precision baseline of the honest tolerance."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(Hq // Hkv, 1), v.to(dtype).repeat_interleave(Hq // Hkv, 1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    row = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
-    col = torch.arange(Sk, device=q.device)[None, :]
-    if alibi_slopes is not None:
-        scores = scores - (alibi_slopes.view(1, Hq, 1, 1) * (col - row).abs()).to(dtype)
-    keep = ref.keep_mask(Sq, Sk, causal, window_size, q.device).view(1, 1, Sq, Sk)
-    if key_padding_mask is not None:
-        keep = keep & key_padding_mask.view(B, 1, 1, Sk)
-    keep = keep.expand(B, Hq, Sq, Sk)
-    scores = torch.where(keep, scores, torch.full_like(scores, -math.inf))
-    if sinks is not None:
-        scores = torch.cat([scores, sinks.to(dtype).view(1, Hq, 1, 1).expand(B, Hq, Sq, 1)], dim=-1)
-        keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
-    any_key = keep.any(-1, keepdim=True)
-    scores = torch.where(any_key, scores, torch.zeros_like(scores))
-    probs = (torch.softmax(scores, -1) * any_key)[..., :Sk]
-    return torch.matmul(probs, v)
 
 
 def _per_sequence(attention, q, k, v, cu_seqlens, cu_seqlens_k=None, **kw):
@@ -170,7 +142,7 @@ def test_half_honest_tolerance(name, dtype):
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads[:3]) and grads[3] is None
     exact_out, exact_grads = _grads(lambda *t: ref.flash_attention(*t, **kw), [t.double() for t in (q, k, v)],
                                     dout.double())
-    lowp_out, lowp_grads = _grads(lambda *t: _attention_in(dtype, *t, **kw), (q, k, v), dout)
+    lowp_out, lowp_grads = _grads(lambda *t: attention_in_dtype(dtype, *t, **kw), (q, k, v), dout)
     _assert_honest(out, lowp_out, exact_out, "out")
     for got, lowp, exact, what in zip(grads, lowp_grads, exact_grads, ("dq", "dk", "dv")):
         _assert_honest(got, lowp, exact, what)
@@ -219,7 +191,7 @@ def test_varlen(dtype, causal, alibi):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     else:
         exact_out, exact_grads = _grads(reference, [t.double() for t in (q, k, v)], dout.double())
-        lowp_out, lowp_grads = _grads(lambda *t: _per_sequence(lambda *s, **a: _attention_in(dtype, *s, **a), *t,
+        lowp_out, lowp_grads = _grads(lambda *t: _per_sequence(lambda *s, **a: attention_in_dtype(dtype, *s, **a), *t,
                                                                cu_seqlens, **kw), (q, k, v), dout)
         _assert_honest(out, lowp_out, exact_out, "out")
         for got, lowp, exact, what in zip(grads, lowp_grads, exact_grads, ("dq", "dk", "dv")):
@@ -242,7 +214,7 @@ def test_decode(seq_q, dtype, num_splits):
         torch.testing.assert_close(out, want_out, atol=2e-5, rtol=0)
     else:
         exact = ref.flash_attention(q.double(), k.double(), v.double(), True, **kw)[0]
-        _assert_honest(out, _attention_in(dtype, q, k, v, True, **kw), exact, "out")
+        _assert_honest(out, attention_in_dtype(dtype, q, k, v, True, **kw), exact, "out")
     torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=0)
 
 
@@ -345,7 +317,7 @@ def test_features_half_honest_tolerance(name, dtype):
     rest = {key: value for key, value in _ref_kw(kw).items() if key != "sinks"}
 
     def lowp(q, k, v, *sinks):
-        out = _attention_in(dtype, q, k, v, sinks=sinks[0] if sinks else None, **rest)
+        out = attention_in_dtype(dtype, q, k, v, sinks=sinks[0] if sinks else None, **rest)
         # the baseline's lse: the reference's, which has the same gradient path for dlse
         return out, ref.flash_attention(q, k, v, sinks=sinks[0] if sinks else None, **rest)[1]
 
@@ -416,7 +388,7 @@ def test_varlen_keys_packed_apart(dtype, features):
         return
 
     def lowp(q, k, v, *sinks):
-        out = _per_sequence(lambda *s, **a: _attention_in(dtype, *s, **a), q, k, v, cu_seqlens, cu_seqlens_k,
+        out = _per_sequence(lambda *s, **a: attention_in_dtype(dtype, *s, **a), q, k, v, cu_seqlens, cu_seqlens_k,
                             sinks=sinks[0] if sinks else None, **rkw)
         return out, reference(q, k, v, *sinks)[1]
 
@@ -514,7 +486,7 @@ def _gpu_check(B, Hq, Hkv, S, D, causal=True, padding=False, alibi=False, **feat
                                     dout.float())
     exact_lse = ref.flash_attention(q.float(), k.float(), v.float(), **kw)[1]
     torch.testing.assert_close(lse, exact_lse, atol=1e-3, rtol=0)
-    lowp_out, lowp_grads = _grads(lambda *t: _attention_in(torch.bfloat16, *t, **kw), (q, k, v), dout)
+    lowp_out, lowp_grads = _grads(lambda *t: attention_in_dtype(torch.bfloat16, *t, **kw), (q, k, v), dout)
     _assert_honest(out, lowp_out, exact_out, "out")
     for got, lowp, exact, what in zip(grads, lowp_grads, exact_grads, ("dq", "dk", "dv")):
         _assert_honest(got, lowp, exact, what)
@@ -544,5 +516,5 @@ def test_gpu_decode_long_cache():
     q, k, v = _qkv(4, 32, 8, 4, 8192, 128, torch.bfloat16, transposed=True)
     out, lse = flash_decode_triton(q, k, v)
     exact_out, exact_lse = ref.flash_attention(q.float(), k.float(), v.float(), True)
-    _assert_honest(out, _attention_in(torch.bfloat16, q, k, v, True), exact_out, "out")
+    _assert_honest(out, attention_in_dtype(torch.bfloat16, q, k, v, True), exact_out, "out")
     torch.testing.assert_close(lse, exact_lse, atol=1e-3, rtol=0)

@@ -21,6 +21,8 @@ from qlora_kernels.reference import attention as ref  # noqa: E402
 from qlora_kernels.triton import flash_decode  # noqa: E402
 from qlora_kernels.triton.flash_decode import flash_decode_triton  # noqa: E402
 
+from helpers import attention_in_dtype  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, HQ, HKV, SK, D = 2, 4, 2, 70, 40
 
@@ -60,27 +62,9 @@ def _reference(q, k, v, window_left=-1, window_right=-1, **kw):
                                kw.pop("key_padding_mask", None), window_size=(window_left, window_right), **kw)
 
 
-def _attention_in(dtype, q, k, v, window_left=-1, window_right=-1, softcap=0.0, sinks=None, alibi_slopes=None,
-                  key_padding_mask=None):
+def _attention_in(dtype, q, k, v, window_left=-1, window_right=-1, **kw):
     """The reference's math carried out in `dtype`: the low-precision baseline of the honest tolerance."""
-    Hq, Sq, Sk = q.shape[1], q.shape[2], k.shape[2]
-    group = Hq // k.shape[1]
-    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(group, 1), v.to(dtype).repeat_interleave(group, 1)
-    s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    row = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
-    col = torch.arange(Sk, device=q.device)[None, :]
-    if alibi_slopes is not None:
-        s = s - (alibi_slopes.view(1, Hq, 1, 1) * (col - row).abs()).to(dtype)
-    keep = ref.keep_mask(Sq, Sk, True, (window_left, window_right), q.device).view(1, 1, Sq, Sk)
-    if key_padding_mask is not None:
-        keep = keep & key_padding_mask.view(-1, 1, 1, Sk)
-    s = torch.where(keep, s, torch.full_like(s, -math.inf))
-    if sinks is not None:
-        s = torch.cat([s, sinks.to(dtype).view(1, Hq, 1, 1).expand(*s.shape[:3], 1)], -1)
-    p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)[..., :Sk]
-    return torch.matmul(p, v)
+    return attention_in_dtype(dtype, q, k, v, True, window_size=(window_left, window_right), **kw)
 
 
 def _assert_honest(got, lowp, exact, what, eps=1e-4):
