@@ -23,14 +23,11 @@ import weakref
 import torch
 from torch import Tensor
 
+from .._checks import is_fake, require
 from ..reference import attention as ref
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-def _is_fake(t: Tensor) -> bool:
-    return t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor)
 
 
 # the offsets checked last (q's and k's), with their version and the sizes they were checked
@@ -42,7 +39,7 @@ def _check_offsets(name: str, offsets: Tensor, total: int, max_len: int, max_nam
     """cu_seqlens values: 0 first, non-decreasing, `total` last, no sequence above max_len. Read
     on the host for CPU tensors (once per tensor and version); asserted on the device for CUDA
     ones (no host sync); skipped for fake tensors (their values do not exist)."""
-    if _is_fake(offsets):
+    if is_fake(offsets):
         return
     if offsets.device.type == "cpu":
         version = None if offsets.is_inference() else offsets._version
@@ -63,15 +60,6 @@ def _check_offsets(name: str, offsets: Tensor, total: int, max_len: int, max_nam
     torch._assert_async((offsets[0] == 0) & (offsets[-1] == total) & (lengths >= 0).all(),
                         f"{name} must start at 0, never decrease and end at the {total} packed tokens")
     torch._assert_async(lengths.max() <= max_len, f"{max_name}={max_len} is shorter than a sequence of {name}")
-
-
-def _require(ok, message: str) -> None:
-    """Raise ValueError(message) unless ok; a size only known at run time (a SymBool while
-    tracing) becomes a runtime assertion instead of a guard."""
-    if isinstance(ok, torch.SymBool):
-        torch._check(ok, lambda: message)
-    elif not ok:
-        raise ValueError(message)
 
 
 def _check_side(name: str, t: Tensor | None, shape: tuple[int, ...], device: torch.device, what: str) -> None:
@@ -143,7 +131,7 @@ def check_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: flo
             raise ValueError(f"{name} must be a 1-D int32 tensor of offsets on {q.device}, got "
                              f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
                              f"{list(t.shape) if isinstance(t, Tensor) else ''} on {getattr(t, 'device', '')}")
-        _require(t.numel() >= 2, f"{name} needs at least 2 offsets (one sequence), got {t.numel()}")
+        require(t.numel() >= 2, f"{name} needs at least 2 offsets (one sequence), got {t.numel()}")
         if not isinstance(max_len, (int, torch.SymInt)) or max_len < 0:
             raise ValueError(f"{max_name} must be an int >= 0 with {name}, got {max_len!r}")
         _check_offsets(name, t, total, max_len, max_name)
@@ -152,7 +140,7 @@ def check_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: flo
             raise ValueError(f"q has {q.shape[0]} packed tokens and k {k.shape[0]}: pass cu_seqlens_k for keys "
                              "packed apart from queries")
     else:
-        _require(cu_seqlens_k.numel() == cu_seqlens.numel(),
+        require(cu_seqlens_k.numel() == cu_seqlens.numel(),
                  f"cu_seqlens ({cu_seqlens.numel()} offsets) and cu_seqlens_k ({cu_seqlens_k.numel()}) must describe "
                  "the same number of sequences")
 
