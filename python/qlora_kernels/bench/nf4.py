@@ -9,7 +9,7 @@ import torch
 from .. import nf4_dequantize, nf4_quantize
 from .case import Case
 
-# (out_features, in_features) of the projections in BENCHMARKS.md
+# (out_features, in_features) of the projections listed in docs/benchmarks.md
 SHAPES = {
     "llama-7b q/o 4096x4096": (4096, 4096),
     "llama-7b gate/up 11008x4096": (11008, 4096),
