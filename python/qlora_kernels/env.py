@@ -45,16 +45,18 @@ def backends() -> dict:
     if build["cuda"]:
         count, error = mod.cuda_device_count()
         report["cuda_devices_seen_by_kernels"] = count if count >= 0 else f"none ({error})"
+    cpu, cuda = op_backends("cpu"), op_backends("cuda")
+    here = "" if cuda_visible else " (no GPU here)"
+    report["ops"] = {name: {"cpu": cpu[name], "cuda": cuda[name] + here} for name in cpu}
+    return report
+
+
+def op_backends(device_type: str) -> dict[str, str]:
+    """Op name -> the implementation that runs it on tensors of `device_type` (sorted by name)."""
     from .backends.common import REGISTERED
 
-    names = sorted(op._name for op in _all_ops())
-    here = "" if cuda_visible else " (no GPU here)"
-    report["ops"] = {
-        name: {"cpu": REGISTERED.get(name, {}).get("cpu", "reference (PyTorch)"),
-               "cuda": REGISTERED.get(name, {}).get("cuda", "reference (PyTorch)") + here}
-        for name in names
-    }
-    return report
+    return {name: REGISTERED.get(name, {}).get(device_type, "reference (PyTorch)")
+            for name in sorted(op._name for op in _all_ops())}
 
 
 def _all_ops():
