@@ -51,7 +51,8 @@ import triton.language as tl
 
 from qlora_kernels import reference
 from qlora_kernels.nf4_weight import NF4Weight
-from qlora_kernels.triton.nf4_dequant import _cast_rn, _interpreting, nf4_absmax_values, nf4_dequant_values
+from qlora_kernels.triton._common import _cast_rn, _interpreting
+from qlora_kernels.triton.nf4_dequant import nf4_absmax_values, nf4_dequant_values
 
 __all__ = ["lora_forward_triton", "lora_backward_triton", "lora_dropout_keep", "lora_xa_triton", "lora_dA_triton",
            "lora_dx_lowrank_triton"]

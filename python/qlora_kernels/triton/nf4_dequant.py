@@ -38,9 +38,9 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 from qlora_kernels import reference
+from qlora_kernels.triton._common import _cast_rn, _interpreting
 
 __all__ = ["nf4_dequantize_triton", "nf4_dequant_values", "nf4_absmax_values"]
 
@@ -60,20 +60,6 @@ def _mul_rn(a, b, NV_PTX: tl.constexpr):
     else:
         prod = a * b
     return prod
-
-
-@triton.jit
-def _cast_rn(x, dtype: tl.constexpr, NV_PTX: tl.constexpr):
-    """fp32 -> `dtype`, round to nearest even, also under the interpreter (see module doc)."""
-    if NV_PTX or dtype != tl.bfloat16:
-        y = x.to(dtype)
-    else:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        # the carry above would turn a NaN with a low payload into inf
-        y = tl.where(x != x, x.to(tl.bfloat16), y)
-    return y
 
 
 @triton.jit
@@ -124,11 +110,6 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
                                mask, nested_blocksize, DOUBLE_QUANT, NV_PTX)
     values = nf4_dequant_values(packed_ptr, code_ptr, absmax, elem_idx, mask, NV_PTX)
     tl.store(out_ptr + elem_idx, _cast_rn(values, out_ptr.dtype.element_ty, NV_PTX), mask=mask)
-
-
-def _interpreting() -> bool:
-    # triton.jit picks the interpreter when the kernel is defined, so ask the kernel
-    return not isinstance(_nf4_dequant_kernel, JITFunction)
 
 
 def nf4_dequantize_triton(
