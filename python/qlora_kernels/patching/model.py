@@ -22,12 +22,14 @@ changes weights rather than code paths.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 import weakref
 
 import torch
 from torch import nn
 
+from ..env import op_backends
 from ..modules import NF4Linear
 from .families import SUPPORTED, patch_attention, unpatch_attention
 from .lora import _lora_classes, patch_lora, unpatch_lora
@@ -41,6 +43,8 @@ from .quantize import (
 )
 
 _REPORT = "_qlora_kernels_patch"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -99,7 +103,9 @@ def _fuse_on_first_forward(root: nn.Module, report: PatchReport) -> None:
             return
         if not _has_lora(model):
             return
-        report.lora_layers += patch_lora(model)
+        fused = patch_lora(model)
+        log.info("%d LoRA layers -> lora_linear (fused at the first forward)", len(fused))
+        report.lora_layers += fused
         report.lora_pending = False
         for handle in handles:
             handle.remove()
@@ -159,25 +165,44 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
     report.family = model_type if supported else report.family
     if attention and supported:
         report.attention = ", ".join(patch_attention(hf))
+        log.info("%s: %s attention layers -> flash_attention (%s)", model_type,
+                 getattr(hf.config, "num_hidden_layers", "all"), report.attention)
+    else:
+        log.info("attention left stock (%s)", f"model_type {model_type!r} is not supported" if attention
+                 else "attention=False")
     targets = quantize_targets(root) if quantize == "nf4" else []
     if targets:
         dtype = targets[0][1].weight.dtype
         compute_dtype = dtype if dtype.is_floating_point and dtype != torch.float64 else torch.bfloat16
         quantize_model(root, compute_dtype=compute_dtype)
         report.quantized += [n for n, _ in targets]
+        log.info("%d nn.Linear layers -> NF4Linear (quantized, compute in %s)", len(targets), compute_dtype)
     if lora_here:
         bad = {n for n, _ in unconvertible}
         convertible = [(n, m) for n, m in bnb_layers if n not in bad]
         convert_bnb_layers(root, convertible)
         report.converted += [n for n, _ in convertible]
-        report.lora_layers += patch_lora(root)
+        if convertible:
+            log.info("%d bitsandbytes Linear4bit layers -> NF4Linear (same bytes)", len(convertible))
+        fused = patch_lora(root)
+        report.lora_layers += fused
+        log.info("%d LoRA layers -> lora_linear (base and LoRA in one op)", len(fused))
     elif lora and "_qlora_kernels_hooks" not in root.__dict__:
         _fuse_on_first_forward(root, report)
+        log.info("no LoRA layers yet: those PEFT adds are fused at the model's first forward")
+    _log_op_backends(root)
     report.skipped += skipped
     if skipped:
         warnings.warn("qlora_kernels.patch skipped: " + "; ".join(skipped), stacklevel=2)
     root.__dict__[_REPORT] = report
     return model
+
+
+def _log_op_backends(model: nn.Module) -> None:
+    # meta tensors run the ops' fake implementations: no backend computes anything there
+    for device_type in sorted({p.device.type for p in model.parameters()} - {"meta"}):
+        ops = op_backends(device_type)
+        log.info("ops on %s: %s", device_type, "; ".join(f"{op} {impl}" for op, impl in ops.items()))
 
 
 def patch_report(model: nn.Module) -> PatchReport | None:
