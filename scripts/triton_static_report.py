@@ -44,7 +44,7 @@ from triton.runtime.jit import JITFunction, KernelInterface
 
 import qlora_kernels.triton
 from qlora_kernels.backends import lora_dequant_mm
-from qlora_kernels.nf4_weight import NF4Weight
+from qlora_kernels.nf4_weight import NF4QuantState, NF4Weight
 from qlora_kernels.triton import lora
 from qlora_kernels.triton.flash_attention import flash_attention_bwd_triton, flash_attention_fwd_triton
 from qlora_kernels.triton.flash_decode import flash_decode_triton
@@ -141,13 +141,12 @@ def _lora_case(dtype_name: str, weight: str, r: int = 64, dropout: bool = True, 
         else:
             blocks = -(-N * K // blocksize)
             double_quant = not weight.endswith("nodq")
-            state = NF4Weight(
-                _empty((N * K + 1) // 2, dtype=torch.uint8),
-                _empty(blocks, dtype=torch.uint8 if double_quant else torch.float32),
-                _empty(-(-blocks // 256), dtype=torch.float32) if double_quant else None,
-                _empty(256, dtype=torch.float32) if double_quant else None,
-                _empty(dtype=torch.float32) if double_quant else None,
-                blocksize, 256, (N, K), dtype)
+            nested = dict(offset=_empty(dtype=torch.float32), nested_absmax=_empty(-(-blocks // 256),
+                                                                                   dtype=torch.float32),
+                          nested_code=_empty(256, dtype=torch.float32)) if double_quant else {}
+            state = NF4Weight(_empty((N * K + 1) // 2, dtype=torch.uint8), NF4QuantState(
+                _empty(blocks, dtype=torch.uint8 if double_quant else torch.float32), (N, K), dtype, blocksize,
+                **nested))
             w = None
         p = 0.1 if dropout else 0.0
         before = torch.backends.cuda.matmul.fp32_precision
@@ -176,8 +175,9 @@ def _dequant_case(dtype_name: str, blocksize: int, double_quant: bool) -> Case:
             absmax = _empty(blocks, dtype=torch.uint8)
         else:
             nested, absmax = {}, _empty(blocks, dtype=torch.float32)
-        nf4_dequantize_triton(_empty(n // 2, dtype=torch.uint8), absmax, blocksize, (64, 64),
-                              getattr(torch, dtype_name), **nested)
+        dtype = getattr(torch, dtype_name)
+        state = NF4QuantState(absmax, (64, 64), dtype, blocksize, **nested)
+        nf4_dequantize_triton(NF4Weight(_empty(n // 2, dtype=torch.uint8), state), dtype)
 
     return Case(f"{dtype_name} nf4-bs{blocksize}{'' if double_quant else '-nodq'}", dtype_name, run)
 

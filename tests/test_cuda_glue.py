@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from qlora_kernels import reference as R  # noqa: E402
 from qlora_kernels.backends import cuda as glue  # noqa: E402
-from qlora_kernels.nf4_weight import NF4Weight  # noqa: E402
+from qlora_kernels.nf4_weight import NF4QuantState, NF4Weight  # noqa: E402
 from qlora_kernels.ops import attention as attention_ops  # noqa: E402
 from qlora_kernels.triton import flash_attention, flash_decode  # noqa: E402
 from qlora_kernels.triton import lora as triton_lora  # noqa: E402
@@ -293,7 +293,7 @@ def test_gemv_gets_every_operand_in_its_dtype_alive_at_launch(monkeypatch):
     monkeypatch.setattr(glue, "_stream", lambda device: 0)
     N, K, r = 24, 64, 4
     packed, absmax = R.nf4_quantize_blocks(torch.randn(N, K), 64)
-    state = NF4Weight(packed, absmax, None, None, None, 64, 256, (N, K), torch.bfloat16)
+    state = NF4Weight(packed, NF4QuantState(absmax, (N, K), torch.bfloat16, 64))
     x = torch.randn(3, K, dtype=torch.bfloat16)
     bias = torch.randn(2 * N)[::2]  # fp32 and strided: two conversions
     lora_B = torch.randn(r, N).t()  # fp32, transposed
@@ -308,7 +308,7 @@ def test_gemv_gets_every_operand_in_its_dtype_alive_at_launch(monkeypatch):
 def test_gemv_rejects_mismatched_operands():
     N, K = 24, 64
     packed, absmax = R.nf4_quantize_blocks(torch.randn(N, K), 64)
-    state = NF4Weight(packed, absmax, None, None, None, 64, 256, (N, K), torch.bfloat16)
+    state = NF4Weight(packed, NF4QuantState(absmax, (N, K), torch.bfloat16, 64))
     x, xa, B = torch.randn(2, K), torch.randn(2, 4), torch.randn(N, 4)
     with pytest.raises(ValueError, match=r"bias must be \[24\], got \(25,\)"):
         glue.lora_gemv_cuda(x, state, torch.randn(N + 1), xa, B, 1.0)
@@ -329,7 +329,7 @@ def test_gemv_with_an_fp32_strided_bias_and_bf16_x():
         pytest.fail("the CUDA kernels were not built (nvcc missing at install time): the GEMV cannot run")
     linear = torch.nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16)
     layer = qk.NF4Linear.from_linear(linear, quant_storage=torch.bfloat16)
-    state = NF4Weight.from_quant_state(layer.weight, layer.quant_state)
+    state = layer.nf4_weight
     x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
     A = (torch.randn(16, 4096, device="cuda") * 0.02).to(torch.bfloat16)
     B = (torch.randn(1024, 16, device="cuda") * 0.02).to(torch.bfloat16)

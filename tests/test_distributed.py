@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import distributed_worker as worker
 import qlora_kernels as qk
-from qlora_kernels.nf4 import packed_nbytes
+from qlora_kernels.nf4_weight import packed_nbytes
 
 from helpers import grad_error
 

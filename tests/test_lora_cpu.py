@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from qlora_kernels import reference
 from qlora_kernels._native import native
 from qlora_kernels.backends import lora_cpu
 from qlora_kernels.nf4 import nf4_quantize
-from qlora_kernels.nf4_weight import NF4Weight
+from qlora_kernels.nf4_weight import NF4QuantState, NF4Weight
 
 _C = native()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -22,12 +24,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _nf4(shape, blocksize=64, double_quant=True, dtype=torch.float32, device="cpu"):
     w = torch.randn(shape, dtype=torch.float32).to(dtype)
     packed, state = nf4_quantize(w, blocksize, double_quant=double_quant)
-    nf4 = NF4Weight.from_quant_state(packed, state)
-    if device != "cpu":
-        nf4 = NF4Weight(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in (
-            nf4.packed, nf4.absmax, nf4.nested_absmax, nf4.nested_code, nf4.offset)), nf4.blocksize,
-            nf4.nested_blocksize, nf4.shape, nf4.dtype)
-    return nf4
+    return NF4Weight(packed, state).to(device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -42,7 +39,7 @@ def _nf4(shape, blocksize=64, double_quant=True, dtype=torch.float32, device="cp
 def test_range_dequantize_is_bit_identical(blocksize, double_quant, dtype):
     shape = (37, 301)  # odd element count, rows not aligned to blocks or bytes
     nf4 = _nf4(shape, blocksize, double_quant)
-    full = nf4.dequantize(dtype).flatten()
+    full = nf4.dequantize_reference(dtype).flatten()
     n = full.numel()
     gen = torch.Generator().manual_seed(blocksize + double_quant)
     ranges = [(0, n), (0, 1), (n - 1, 1), (1, 2), (blocksize - 1, 3), (blocksize, blocksize), (5, 0),
@@ -64,7 +61,7 @@ def test_range_dequantize_is_bit_identical(blocksize, double_quant, dtype):
 @pytest.mark.skipif(_C is None, reason="native module not built")
 def test_range_dequantize_into_buffer_and_bad_ranges():
     nf4 = _nf4((16, 64), 64, True)
-    full = nf4.dequantize(torch.bfloat16).flatten()
+    full = nf4.dequantize_reference(torch.bfloat16).flatten()
     buf = torch.full((600,), float("nan"), dtype=torch.bfloat16)
     out = lora_cpu.nf4_dequantize_range_cpu(nf4, 100, 500, torch.bfloat16, buf)
     assert out.data_ptr() == buf.data_ptr() and torch.equal(buf[:500], full[100:600])
@@ -73,10 +70,9 @@ def test_range_dequantize_into_buffer_and_bad_ranges():
         lora_cpu.nf4_dequantize_range_cpu(nf4, 1000, 100, torch.float32)
     with pytest.raises(ValueError):
         lora_cpu.nf4_dequantize_range_cpu(nf4, 0, 10, torch.float32, torch.empty(5))
-    with pytest.raises(ValueError):  # blocksize checked by the C++ side
-        bad = NF4Weight(nf4.packed, nf4.absmax, nf4.nested_absmax, nf4.nested_code, nf4.offset, 48,
-                        nf4.nested_blocksize, nf4.shape, nf4.dtype)
-        lora_cpu.nf4_dequantize_range_cpu(bad, 0, 10, torch.float32)
+    with pytest.raises(ValueError, match="blocksize=48"):  # refused before any kernel sees it
+        lora_cpu.nf4_dequantize_range_cpu(NF4Weight(nf4.packed, replace(nf4.state, blocksize=48)), 0, 10,
+                                          torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,7 +89,7 @@ def _problem(dtype, kind, rank, with_bias, dropout):
         W = weight
     else:
         weight, nf4 = None, _nf4((N, K), 64, kind == "nf4_dq")
-        W = nf4.dequantize(dtype)  # the op's meaning: W dequantized to x's dtype
+        W = nf4.dequantize_reference(dtype)  # the op's meaning: W dequantized to x's dtype
     A = (torch.randn(rank, K) / math.sqrt(K)).to(dtype)
     B = torch.randn(N, rank).to(dtype)
     bias = torch.randn(N).to(dtype) if with_bias else None
@@ -200,8 +196,8 @@ def test_forward_never_materializes_the_weight():
     from torch.profiler import ProfilerActivity, profile
 
     n = k = 4096
-    nf4 = NF4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8), torch.rand(n * k // 64) + 0.01, None,
-                    None, None, 64, 256, (n, k), torch.bfloat16)
+    nf4 = NF4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8),
+                    NF4QuantState(torch.rand(n * k // 64) + 0.01, (n, k), torch.bfloat16, 64))
     x = torch.randn(4, k, dtype=torch.bfloat16)
     A, B = torch.randn(16, k, dtype=torch.bfloat16), torch.randn(n, 16, dtype=torch.bfloat16)
     full_weight = n * k * 2
@@ -212,7 +208,7 @@ def test_forward_never_materializes_the_weight():
         return max(e.cpu_memory_usage for e in prof.events())
 
     # the measurement sees a full dequantize (so a pass below is meaningful)
-    whole = peak_allocation(lambda: nf4.dequantize(torch.bfloat16))
+    whole = peak_allocation(lambda: nf4.dequantize_reference(torch.bfloat16))
     assert whole >= full_weight
     y, xa = lora_cpu.lora_forward_cpu(x, None, nf4, None, A, B, 1.0, None, 0.0)
     fwd = peak_allocation(lambda: lora_cpu.lora_forward_cpu(x, None, nf4, None, A, B, 1.0, None, 0.0))
@@ -222,7 +218,7 @@ def test_forward_never_materializes_the_weight():
     assert fwd <= min(tile, full_weight // 4), fwd
     assert bwd <= min(tile, full_weight // 4), bwd
     # and the tiles add up to the whole GEMM
-    ref = (x.float() @ nf4.dequantize(torch.bfloat16).float().t() + (x.float() @ A.float().t()) @ B.float().t())
+    ref = (x.float() @ nf4.dequantize_reference(torch.bfloat16).float().t() + (x.float() @ A.float().t()) @ B.float().t())
     assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
@@ -266,7 +262,7 @@ def _gemv_check(Mx, Kx, Nw, dtype, blocksize, double_quant, with_bias, rank=16):
     scaling = 0.5
     y = _gemv(x, nf4, bias, xa, B, scaling)
     torch.cuda.synchronize()
-    W = nf4.dequantize(dtype).double()  # the weight values the kernel must use
+    W = nf4.dequantize_reference(dtype).double()  # the weight values the kernel must use
     ref = x.double() @ W.t() + scaling * (xa.double() @ B.double().t())
     if bias is not None:
         ref = ref + bias.double()
@@ -309,7 +305,7 @@ def test_gemv_rejects_bad_arguments():
     xa, B = torch.randn(17, 4, device="cuda"), torch.randn(64, 4, device="cuda")
     with pytest.raises(ValueError):
         _gemv(x, nf4, None, xa, B, 1.0)  # M > 16
-    shifted = NF4Weight(nf4.packed[1:], *(nf4.absmax, None, None, None), 64, 256, (64, 63), torch.float32)
+    shifted = NF4Weight(nf4.packed[1:1 + 64 * 63 // 2], NF4QuantState(nf4.absmax[:63], (64, 63), torch.float32, 64))
     with pytest.raises(ValueError):  # packed not 16-byte aligned
         _gemv(x[:1, :63].contiguous(), shifted, None, xa[:1], B[:64], 1.0)
 

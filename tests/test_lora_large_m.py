@@ -21,7 +21,8 @@ from helpers import lora_inputs, peft_like_lora  # noqa: E402
 from qlora_kernels import reference  # noqa: E402
 from qlora_kernels.backends import cuda as glue  # noqa: E402
 from qlora_kernels.backends import lora_dequant_mm as dm  # noqa: E402
-from qlora_kernels.nf4_weight import NF4Weight  # noqa: E402
+from qlora_kernels.nf4_weight import NF4QuantState, NF4Weight  # noqa: E402
+from qlora_kernels.ops import lora as lora_ops  # noqa: E402
 from qlora_kernels.reference.lora import lora_linear  # noqa: E402
 from qlora_kernels.triton import lora as triton_lora  # noqa: E402
 from qlora_kernels.triton.nf4_dequant import nf4_dequantize_triton  # noqa: E402
@@ -168,7 +169,7 @@ def test_same_dropout_mask_and_results_as_the_fused_path(weight_kind):
     M, N, K, r, p, scaling = 21, 40, 70, 8, 0.4, 1.3
     inp = lora_inputs(M, N, K, r, torch.float32, True, DEVICE, seed=3)
     args, _ = _weight_args(weight_kind, inp["w"], torch.float32, 64)
-    state = glue.nf4_weight(*args, N, K, torch.float32)
+    state = lora_ops.nf4_base(*args, N, K, torch.float32)
     weight = args[0]
     common = (weight, state, inp["lora_A"], inp["lora_B"], scaling, p, SEED)
     fused_y, fused_xa = triton_lora.lora_forward_triton(inp["x"], weight, state, inp["bias"], *common[2:])
@@ -191,7 +192,7 @@ def test_dense_weight_is_not_dequantized(monkeypatch):
 
 def _nf4_state(N, K, blocksize=64):
     args = _quantize(torch.randn(N, K), blocksize, True)
-    return glue.nf4_weight(*args, N, K, torch.bfloat16)
+    return lora_ops.nf4_base(*args, N, K, torch.bfloat16)
 
 
 def test_workspace_is_reused_and_grows_only_for_a_larger_weight(monkeypatch):
@@ -202,15 +203,15 @@ def test_workspace_is_reused_and_grows_only_for_a_larger_weight(monkeypatch):
     assert ws.buffer is None
     with dm.dequantized(big, torch.bfloat16, device) as w:
         ptr, buffer = w.data_ptr(), ws.buffer
-        torch.testing.assert_close(w, big.dequantize(torch.bfloat16).to(DEVICE), rtol=0, atol=0)
+        torch.testing.assert_close(w, big.dequantize_reference(torch.bfloat16).to(DEVICE), rtol=0, atol=0)
     for state, dtype in ((same, torch.bfloat16), (small, torch.bfloat16), (small, torch.float32)):
         with dm.dequantized(state, dtype, device) as w:
             assert w.data_ptr() == ptr and ws.buffer is buffer
             assert w.shape == state.shape and w.dtype == dtype and w.is_contiguous()
-            torch.testing.assert_close(w, state.dequantize(dtype).to(DEVICE), rtol=0, atol=0)
+            torch.testing.assert_close(w, state.dequantize_reference(dtype).to(DEVICE), rtol=0, atol=0)
     with dm.dequantized(larger, torch.bfloat16, device) as w:
         assert ws.buffer.numel() == 64 * 128 * 2 and w.data_ptr() == ws.buffer.data_ptr()
-        torch.testing.assert_close(w, larger.dequantize(torch.bfloat16).to(DEVICE), rtol=0, atol=0)
+        torch.testing.assert_close(w, larger.dequantize_reference(torch.bfloat16).to(DEVICE), rtol=0, atol=0)
     assert dm.workspace(device) is ws
 
 
@@ -247,22 +248,19 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"dy2d must be \[4, 8\]"):
         dm.lora_backward_dequant_mm(inp["dy"][:3], x, None, state, A, B, 1.0, 0.0, SEED, torch.zeros(4, 2))
     with pytest.raises(ValueError, match="out must be a contiguous"):
-        dm.nf4_dequantize_into(state.packed, state.absmax, state.nested_absmax, state.nested_code, state.offset,
-                               64, 256, torch.empty(64, 8, device=DEVICE).t())
+        dm.nf4_dequantize_into(state, torch.empty(64, 8, device=DEVICE).t())
 
 
 def test_triton_dequantize_into_out():
     state = _nf4_state(6, 70, blocksize=32)
     out = torch.full((6, 70), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    got = nf4_dequantize_triton(state.packed, state.absmax, 32, (6, 70), torch.bfloat16, state.nested_absmax,
-                                state.nested_code, state.offset, out=out)
+    got = nf4_dequantize_triton(state, torch.bfloat16, out=out)
     assert got is out
-    assert torch.equal(out, state.dequantize(torch.bfloat16).to(DEVICE))
+    assert torch.equal(out, state.dequantize_reference(torch.bfloat16).to(DEVICE))
     for bad in (torch.empty(6, 70, device=DEVICE), torch.empty(70, 6, dtype=torch.bfloat16, device=DEVICE).t(),
                 torch.empty(6, 71, dtype=torch.bfloat16, device=DEVICE)):
         with pytest.raises(ValueError, match=r"out must be a contiguous torch.bfloat16 tensor of shape \[6, 70\]"):
-            nf4_dequantize_triton(state.packed, state.absmax, 32, (6, 70), torch.bfloat16, state.nested_absmax,
-                                  state.nested_code, state.offset, out=bad)
+            nf4_dequantize_triton(state, torch.bfloat16, out=bad)
 
 
 @pytest.mark.gpu
@@ -276,13 +274,15 @@ def test_training_size_bf16_on_gpu(weight_kind, monkeypatch, paths):
     assert paths == [("dequant_once", "fwd"), ("dequant_once", "bwd")]
 
 
-@pytest.mark.skipif(not glue.has_cuda_kernels(), reason="the CUDA kernels were not built (no nvcc at install)")
-def test_cuda_dequantize_into_checks_sizes_before_the_pointers_go_out():
+def test_cuda_dequantize_checks_sizes_before_the_pointers_go_out():
+    from qlora_kernels.ops import nf4 as nf4_ops
+
     with FakeTensorMode():  # CUDA tensors without a GPU: the checks run, no kernel could
         packed = torch.empty(32, dtype=torch.uint8, device="cuda:0")
         absmax = torch.empty(2, device="cuda:0")
-        out = torch.empty(8, 16, dtype=torch.bfloat16, device="cuda:0")
-    with pytest.raises(ValueError, match=r"packed \(32 bytes\) or absmax \(2 values\) too short for 128 elements"):
-        dm.nf4_dequantize_into(packed, absmax, None, None, None, 64, 256, out)
-    with pytest.raises(ValueError, match="blocksize"):
-        dm.nf4_dequantize_into(packed, absmax, None, None, None, 48, 256, out)
+        with pytest.raises(ValueError, match=r"packed holds 32 bytes but a weight of shape \(8, 16\) needs 64"):
+            NF4Weight(packed, NF4QuantState(torch.empty(2, device="cuda:0"), (8, 16), torch.bfloat16, 64))
+        with pytest.raises(ValueError, match="absmax has 2 elements, expected 4"):
+            nf4_ops.nf4_dequantize(packed, absmax, None, None, None, 32, 256, [8, 16], torch.bfloat16)
+        with pytest.raises(ValueError, match="blocksize"):
+            nf4_ops.nf4_dequantize(packed, absmax, None, None, None, 48, 256, [8, 8], torch.bfloat16)

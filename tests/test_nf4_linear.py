@@ -7,7 +7,7 @@ from bitsandbytes.nn import Params4bit
 from torch import nn
 
 import qlora_kernels as qk
-from qlora_kernels.checkpoint import CheckpointError
+from qlora_kernels.bnb_state_dict import CheckpointError
 
 
 def _linear4bit(linear, quant_storage=torch.uint8, double_quant=True, compute_dtype=torch.bfloat16):
@@ -126,14 +126,15 @@ def _json(text):
     "corrupt, match",
     [
         (_truncate("weight"), "truncated"),
-        (_truncate("weight.absmax"), "weight.absmax|'absmax'"),
+        (_truncate("weight.absmax"), "absmax has 127 elements, expected 128"),
         (_truncate("weight.nested_absmax"), "nested_absmax"),
         (_truncate("weight.quant_state.bitsandbytes__nf4", 5), "corrupted or truncated"),
         (lambda sd: sd.pop("weight.nested_quant_map"), "nested_quant_map"),
         (lambda sd: sd.pop("weight.quant_state.bitsandbytes__nf4"), "quant_state"),
         (_set("weight.quant_map", torch.linspace(-1, 1, 16)), "not the NF4 codebook"),
         (_set("weight.absmax", torch.zeros(128, dtype=torch.float32)), "dtype"),
-        (_json('{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [64, 128]}'), "blocksize"),
+        (_json('{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [64, 128], '
+               '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1}'), "blocksize=48"),
         (_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [32, 128], '
                '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1}'), "mismatched"),
         (_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [64, 128]}'), "dtype"),

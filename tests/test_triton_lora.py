@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from helpers import lora_inputs, peft_like_lora  # noqa: E402
 from qlora_kernels import reference  # noqa: E402
-from qlora_kernels.nf4_weight import NF4Weight  # noqa: E402
+from qlora_kernels.nf4_weight import NF4QuantState, NF4Weight  # noqa: E402
 from qlora_kernels.reference.lora import lora_linear  # noqa: E402
 from qlora_kernels.triton.lora import (  # noqa: E402
     lora_backward_triton,
@@ -42,8 +42,9 @@ def _nf4_weight(w, blocksize, double_quant, dtype):
         nested = dict(nested_absmax_=nested_absmax, nested_code=code, offset=offset)
     w_ref = reference.nf4_dequantize(packed, absmax, blocksize, (N, K), dtype, **nested)
     on = {k: v.to(DEVICE) for k, v in nested.items()}
-    state = NF4Weight(packed.to(DEVICE), absmax.to(DEVICE), on.get("nested_absmax_"), on.get("nested_code"),
-                      on.get("offset"), blocksize, reference.NESTED_BLOCKSIZE, (N, K), w.dtype)
+    state = NF4Weight(packed.to(DEVICE), NF4QuantState(absmax.to(DEVICE), (N, K), w.dtype, blocksize,
+                                                       offset=on.get("offset"), nested_absmax=on.get("nested_absmax_"),
+                                                       nested_code=on.get("nested_code")))
     return state, w_ref.to(DEVICE)
 
 

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qlora_kernels import reference  # noqa: E402
+from qlora_kernels.nf4_weight import NF4QuantState, NF4Weight  # noqa: E402
 from qlora_kernels.triton.nf4_dequant import nf4_dequantize_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,10 +42,9 @@ def _quantize(w, blocksize, double_quant):
 
 def _triton(packed, absmax, blocksize, shape, dtype, nested):
     on = {k: v.to(DEVICE) for k, v in nested.items()}
-    return nf4_dequantize_triton(
-        packed.to(DEVICE), absmax.to(DEVICE), blocksize, shape, dtype,
-        nested_absmax=on.get("nested_absmax_"), nested_code=on.get("nested_code"), offset=on.get("offset"),
-    )
+    state = NF4QuantState(absmax.to(DEVICE), shape, dtype, blocksize, offset=on.get("offset"),
+                          nested_absmax=on.get("nested_absmax_"), nested_code=on.get("nested_code"))
+    return nf4_dequantize_triton(NF4Weight(packed.to(DEVICE), state), dtype)
 
 
 @pytest.mark.parametrize("double_quant", (False, True), ids=("plain", "dq"))
@@ -77,11 +77,10 @@ def test_matches_bitsandbytes(dtype):
     w = _weight((48, 128), seed=11).to(dtype)
     packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     want = F.dequantize_4bit(packed, qs)
-    got = nf4_dequantize_triton(
-        packed.to(DEVICE), qs.absmax.to(DEVICE), qs.blocksize, qs.shape, qs.dtype,
-        nested_absmax=qs.state2.absmax.to(DEVICE), nested_code=qs.state2.code.to(DEVICE),
-        offset=qs.offset.to(DEVICE), nested_blocksize=qs.state2.blocksize,
-    )
+    state = NF4QuantState(qs.absmax, qs.shape, qs.dtype, qs.blocksize, qs.code, offset=qs.offset,
+                          nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
+                          nested_blocksize=qs.state2.blocksize)
+    got = nf4_dequantize_triton(NF4Weight(packed, state).to(DEVICE), qs.dtype)
     assert torch.equal(got.cpu(), want.cpu())
 
 

@@ -8,11 +8,13 @@ unpatch(model) -> model                 stock behaviour again; patch_report(mode
 nf4_quantize(weight, blocksize=64, double_quant=True, quant_storage=torch.uint8)
     -> (packed, NF4QuantState); bitsandbytes' NF4 bytes.
 nf4_dequantize(packed, state, dtype=None) -> tensor of state.shape.
+NF4QuantState / NF4Weight               the quant state / packed bytes + state, checked when built.
 NF4Linear.from_linear(linear, ...)      frozen 4-bit linear, bitsandbytes state dict.
 quantize_model(model, ...)              nn.Linear -> NF4Linear (skips lm_head).
 from_bnb(model) / to_bnb(model)         bitsandbytes Linear4bit <-> NF4Linear, bytes shared.
 flash_attention(q, k, v, *, causal=True, ...)  O(N)-memory attention, GQA, ALiBi, padding, packing.
-lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA.
+lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA; weight is
+                                        dense, an NF4Weight, (packed, NF4QuantState) or an NF4Linear.
 patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
 register_attention()                    makes attn_implementation="qlora_kernels" known to
                                         transformers (done at import when transformers is
@@ -23,12 +25,15 @@ backends()                              what was compiled and what is usable her
 
 import sys
 
-from . import ops  # noqa: F401  (registers the torch.library ops)
+from . import ops  # noqa: F401  (declares the torch.library ops)
+from . import backends as _kernels  # noqa: F401  (registers their per-device kernels; `backends` is the report)
 from .attention import flash_attention
+from .bnb_state_dict import bits_per_parameter
 from .env import backends
 from .lora import lora_linear
 from .modules import NF4Linear
-from .nf4 import NF4QuantState, bits_per_parameter, nf4_dequantize, nf4_quantize
+from .nf4 import nf4_dequantize, nf4_quantize
+from .nf4_weight import NF4QuantState, NF4Weight
 from .patching import (
     PatchReport,
     from_bnb,
@@ -52,6 +57,7 @@ if "transformers" in sys.modules:  # importing transformers ourselves would cost
 __all__ = [
     "NF4Linear",
     "NF4QuantState",
+    "NF4Weight",
     "PatchReport",
     "patch",
     "patch_report",

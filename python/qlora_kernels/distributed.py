@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import QUANT_STATE_KEY
+from .bnb_state_dict import QUANT_STATE_KEY
 
 
 def dcp_load(model: nn.Module, checkpoint_id: str | Path) -> None:

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .modules import NF4Linear
-from .nf4 import NF4QuantState, check_packed
+from .nf4_weight import NF4QuantState, NF4Weight
 from .ops import lora as ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _nf4_args(packed: torch.Tensor, state: NF4QuantState):
-    check_packed(packed, state)
-    flat = packed.reshape(-1)
-    flat = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
-    return (None, flat, state.absmax, state.nested_absmax, state.nested_code, state.offset, state.blocksize,
-            state.nested_blocksize)
 
 
 def _row_or_column_major(weight: torch.Tensor) -> torch.Tensor:
@@ -47,8 +38,8 @@ def lora_linear(
     """x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ in one pass (PEFT's `lora.Linear` forward).
 
     `weight`: a dense [out, in] tensor (frozen; row-major, or the transpose of a row-major
-    [in, out] one such as a GPT-2 `Conv1D` weight, read in place), an `NF4Linear`, or
-    `(packed, NF4QuantState)`.
+    [in, out] one such as a GPT-2 `Conv1D` weight, read in place), an `NF4Weight`,
+    `(packed, NF4QuantState)`, or a layer holding one as `nf4_weight` (an `NF4Linear`).
     `lora_A` [r, in], `lora_B` [out, r] as PEFT stores them; `scaling` is alpha / r (or
     alpha / sqrt(r) for rsLoRA). Dropout (only when `training` and `dropout_p` > 0) is drawn
     in-kernel from a seed taken from torch's default generator, so `torch.manual_seed` makes
@@ -58,13 +49,14 @@ def lora_linear(
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
         raise ValueError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
-    if isinstance(weight, NF4Linear):
-        weight = (weight.weight, weight.quant_state)
-    if isinstance(weight, tuple):
-        packed, state = weight
-        out_features, in_features = state.shape
-        weight_args = _nf4_args(packed, state)
-        device = packed.device
+    if isinstance(weight, torch.nn.Module) and hasattr(weight, "nf4_weight"):
+        weight = weight.nf4_weight
+    if isinstance(weight, tuple) and len(weight) == 2 and isinstance(weight[1], NF4QuantState):
+        weight = NF4Weight(*weight)
+    if isinstance(weight, NF4Weight):
+        out_features, in_features = weight.shape
+        weight_args = (None, *weight.op_args())
+        device = weight.device
     elif isinstance(weight, torch.Tensor):
         if weight.dim() != 2:
             raise ValueError(f"weight must be [out_features, in_features], got {tuple(weight.shape)}")
@@ -74,7 +66,8 @@ def lora_linear(
         weight_args = (_row_or_column_major(weight.to(x.dtype)), None, None, None, None, None, 0, 0)
         device = weight.device
     else:
-        raise TypeError(f"weight must be a tensor, an NF4Linear or (packed, NF4QuantState), got {type(weight).__name__}")
+        raise TypeError(f"weight must be a tensor, an NF4Weight, (packed, NF4QuantState) or an NF4Linear, got "
+                        f"{type(weight).__name__}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
     rank = lora_A.shape[0]

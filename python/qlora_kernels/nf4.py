@@ -1,64 +1,19 @@
 """NF4 double-quant storage: quantize a weight, dequantize it, and the state between.
 
 The bytes are bitsandbytes' (`quantize_4bit(..., quant_type="nf4")`): a checkpoint moves
-between the two libraries without requantizing. See `checkpoint.py` for the state dict.
+between the two libraries without requantizing. The state dict format is `bnb_state_dict.py`;
+the validated type (`NF4QuantState`, `NF4Weight`) is `nf4_weight.py`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
-
 import torch
 
 from . import reference
+from .nf4_weight import FLOAT_DTYPES, NF4QuantState, NF4Weight
 from .ops import nf4 as ops
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
-
-
-@dataclass(frozen=True)
-class NF4QuantState:
-    """Everything needed to dequantize one packed NF4 tensor.
-
-    `absmax` is fp32 per block, or with double quant uint8 codes of `absmax - offset`
-    quantized by `nested_absmax` / `nested_code` in blocks of `nested_blocksize`.
-    `code` is the NF4 codebook (bitsandbytes' `quant_map`).
-    """
-
-    absmax: torch.Tensor
-    shape: torch.Size
-    dtype: torch.dtype
-    blocksize: int
-    code: torch.Tensor
-    offset: torch.Tensor | None = None
-    nested_absmax: torch.Tensor | None = None
-    nested_code: torch.Tensor | None = None
-    nested_blocksize: int = reference.NESTED_BLOCKSIZE
-
-    @property
-    def double_quant(self) -> bool:
-        return self.nested_absmax is not None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The state's tensors by field name (those that are set)."""
-        names = ("absmax", "code", "offset", "nested_absmax", "nested_code")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-
-    def with_tensors(self, **tensors: torch.Tensor) -> NF4QuantState:
-        return replace(self, **tensors)
-
-    def to(self, device: torch.device | str) -> NF4QuantState:
-        return self.with_tensors(**{k: v.to(device) for k, v in self.tensors().items()})
-
-
-def packed_nbytes(numel: int) -> int:
-    return (numel + 1) // 2
 
 
 def _check_float_tensor(name: str, t: torch.Tensor) -> None:
@@ -109,32 +64,14 @@ def nf4_quantize(
         raise ValueError(f"weight has {bad} NaN/Inf value(s); refusing to quantize it")
     packed = view_as_storage(packed_u8, quant_storage)
     code = reference.nf4_code(weight.device)
-    state = NF4QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, code=code)
-    if double_quant:
-        offset = absmax.mean()
-        absmax_q, nested_absmax = ops.quantize_blockwise_8bit(
-            absmax - offset, reference.dynamic_code(weight.device), reference.NESTED_BLOCKSIZE
-        )
-        state = replace(
-            state, absmax=absmax_q, offset=offset, nested_absmax=nested_absmax,
-            nested_code=reference.dynamic_code(weight.device),
-        )
+    if not double_quant:
+        return packed, NF4QuantState(absmax, weight.shape, weight.dtype, blocksize, code)
+    offset = absmax.mean()
+    nested_code = reference.dynamic_code(weight.device)
+    absmax_q, nested_absmax = ops.quantize_blockwise_8bit(absmax - offset, nested_code, reference.NESTED_BLOCKSIZE)
+    state = NF4QuantState(absmax_q, weight.shape, weight.dtype, blocksize, code, offset=offset,
+                          nested_absmax=nested_absmax, nested_code=nested_code)
     return packed, state
-
-
-def check_packed(packed: torch.Tensor, state: NF4QuantState) -> None:
-    """Raise unless `packed` holds exactly the bytes `state` describes, on its device."""
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
-    nbytes = packed.numel() * packed.element_size()
-    want = packed_nbytes(state.numel)
-    if nbytes != want:
-        raise ValueError(
-            f"packed holds {nbytes} bytes but a weight of shape {tuple(state.shape)} needs {want}"
-        )
-    for name, t in state.tensors().items():
-        if t.device != packed.device:
-            raise ValueError(f"packed is on {packed.device} but quant state {name} is on {t.device}")
 
 
 def nf4_dequantize(packed: torch.Tensor, state: NF4QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -143,20 +80,8 @@ def nf4_dequantize(packed: torch.Tensor, state: NF4QuantState, dtype: torch.dtyp
     A `dtype` other than state.dtype is reached the way bitsandbytes does (dequantize to
     state.dtype, then cast) unless state.dtype is fp32, where casting directly is identical.
     """
-    check_packed(packed, state)
+    weight = NF4Weight(packed, state)
     dtype = dtype or state.dtype
     direct = dtype if state.dtype in (dtype, torch.float32) else state.dtype
-    out = ops.nf4_dequantize(
-        packed, state.absmax, state.nested_absmax, state.nested_code, state.offset,
-        state.blocksize, state.nested_blocksize, list(state.shape), direct,
-    )
+    out = ops.nf4_dequantize(*weight.op_args(), list(state.shape), direct)
     return out if out.dtype == dtype else out.to(dtype)
-
-
-def bits_per_parameter(packed: torch.Tensor, state: NF4QuantState) -> float:
-    """Storage of the weight and its whole quant state, in bits per weight element."""
-    from .checkpoint import state_to_dict
-
-    nbytes = packed.numel() * packed.element_size()
-    nbytes += sum(t.numel() * t.element_size() for t in state_to_dict(state).values())
-    return 8.0 * nbytes / state.numel

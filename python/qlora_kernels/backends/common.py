@@ -1,5 +1,6 @@
 """What the native backends share: registration (with a record for `backends()`), dtype
-tags and the 8-bit code table cache."""
+tags and the 8-bit code table cache. NF4 weights reach the kernels as `NF4Weight`
+(`nf4_weight.py`: its `native_pointers()` for the C++ / CUDA kernels)."""
 
 from __future__ import annotations
 
@@ -39,23 +40,3 @@ def dynamic_lut(code: torch.Tensor) -> torch.Tensor:
         lut = reference.dynamic_lut(code).to(code.device)
         _luts[key] = lut
     return lut
-
-
-def as_bytes(packed: torch.Tensor) -> torch.Tensor:
-    """Packed NF4 data as a flat contiguous uint8 tensor, whatever its storage dtype."""
-    packed = packed.contiguous()
-    return packed.view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
-
-
-def nested_pointers(absmax, nested_absmax, nested_code, offset):
-    """Addresses of the double-quant tensors (0 when there is no double quant)."""
-    if nested_absmax is None:
-        return absmax.data_ptr(), 0, 0, 0, 0
-    return (
-        0,
-        absmax.data_ptr(),
-        nested_absmax.data_ptr(),
-        nested_code.data_ptr(),
-        offset.data_ptr(),
-    )
-

@@ -11,7 +11,7 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
-from .common import as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
+from .common import dtype_tag, dynamic_lut, kernel
 
 _C = native()
 
@@ -19,6 +19,7 @@ if _C is not None:
 
     @kernel(ops.nf4_quantize_blocks, "cpu", "C++")
     def _(weight: torch.Tensor, blocksize: int):
+        ops.check_quantize_args(weight, blocksize)
         weight = weight.contiguous()
         n = weight.numel()
         packed = torch.empty(((n + 1) // 2,), dtype=torch.uint8)
@@ -31,20 +32,17 @@ if _C is not None:
 
     @kernel(ops.nf4_dequantize, "cpu", "C++")
     def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
-        packed = as_bytes(packed)
-        tensors = [t.contiguous() if t is not None else None for t in (absmax, nested_absmax, nested_code, offset)]
-        tensors = [t.float() if t is not None and t.dtype != torch.uint8 else t for t in tensors]
+        w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                   shape, dtype)
         out = torch.empty(shape, dtype=dtype)
-        absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*tensors)
-        _C.nf4_dequantize_cpu(
-            packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-            nested_blocksize, out.numel(), blocksize, out.data_ptr(), dtype_tag(dtype), torch.get_num_threads(),
-        )
+        _C.nf4_dequantize_cpu(*w.native_pointers(), nested_blocksize, out.numel(), blocksize, out.data_ptr(),
+                              dtype_tag(dtype), torch.get_num_threads())
         return out
 
     @kernel(ops.quantize_blockwise_8bit, "cpu", "C++")
     def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-        A = A.contiguous().float()
+        ops.check_quantize_8bit_args(A, code, blocksize)
+        A = A.contiguous()
         out = torch.empty(A.shape, dtype=torch.uint8)
         absmax = torch.empty((math.ceil(A.numel() / blocksize),), dtype=torch.float32)
         _C.quantize_blockwise_8bit_cpu(
@@ -77,20 +75,14 @@ if _C is not None:
                 attention_ops.no_sinks_grad(q) if dsinks is None else dsinks)
 
 
-    def _nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K,
-                    dtype):
-        if weight is not None:
-            return None
-        return NF4Weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, (N, K), dtype)
-
     @kernel(lora_ops.lora_linear_fwd, "cpu", "C++ NF4 tiles + torch GEMMs")
     def _(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
           bias, lora_A, lora_B, scaling, dropout_p, seed):
         from .lora_cpu import dropout_keep_mask_cpu, lora_forward_cpu
 
         M, K = x.shape
-        state = _nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                            out_features, K, x.dtype)
+        state = lora_ops.nf4_base(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                  nested_blocksize, out_features, K, x.dtype)
         keep = dropout_keep_mask_cpu(int(seed), dropout_p, M, K) if dropout_p > 0 else None
         y, xa = lora_forward_cpu(x, weight, state, bias, lora_A, lora_B, scaling, keep, dropout_p)
         return y, xa.float()
@@ -101,8 +93,8 @@ if _C is not None:
         from .lora_cpu import dropout_keep_mask_cpu, lora_backward_cpu
 
         M, K = x.shape
-        state = _nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                            dy.shape[1], K, x.dtype)
+        state = lora_ops.nf4_base(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                  nested_blocksize, dy.shape[1], K, x.dtype)
         keep = dropout_keep_mask_cpu(int(seed), dropout_p, M, K) if dropout_p > 0 else None
         dx, dA, dB, dbias = lora_backward_cpu(dy, x, weight, state, lora_A, lora_B, scaling, keep, dropout_p,
                                               xa.to(x.dtype))

@@ -19,8 +19,8 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
-from .common import DTYPE_TAGS, as_bytes, dtype_tag, dynamic_lut, kernel, nested_pointers
-from .lora_dequant_mm import absmax_operands, lora_backward_dequant_mm, lora_forward_dequant_mm, nf4_dequantize_into
+from .common import DTYPE_TAGS, dtype_tag, dynamic_lut, kernel
+from .lora_dequant_mm import lora_backward_dequant_mm, lora_forward_dequant_mm, nf4_dequantize_into
 
 _C = native()
 
@@ -58,6 +58,7 @@ if has_cuda_kernels():
 
     @cuda_kernel(ops.nf4_quantize_blocks, "CUDA")
     def _(weight: torch.Tensor, blocksize: int):
+        ops.check_quantize_args(weight, blocksize)
         weight = weight.contiguous()
         n = weight.numel()
         packed = torch.empty(((n + 1) // 2,), dtype=torch.uint8, device=weight.device)
@@ -70,7 +71,8 @@ if has_cuda_kernels():
 
     @cuda_kernel(ops.quantize_blockwise_8bit, "CUDA")
     def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-        A = A.contiguous().float()
+        ops.check_quantize_8bit_args(A, code, blocksize)
+        A = A.contiguous()
         out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
         absmax = torch.empty((math.ceil(A.numel() / blocksize),), dtype=torch.float32, device=A.device)
         _C.quantize_blockwise_8bit_cuda(
@@ -82,8 +84,9 @@ if has_cuda_kernels():
 
 @cuda_kernel(ops.nf4_dequantize, "CUDA" if has_cuda_kernels() else "Triton")
 def cuda_nf4_dequantize(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
-    out = packed.new_empty(tuple(shape), dtype=dtype)
-    return nf4_dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out)
+    w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+                               dtype)
+    return nf4_dequantize_into(w, packed.new_empty(tuple(shape), dtype=dtype))
 
 
 # Triton kernels are imported on first use: `import qlora_kernels` stays free of triton's
@@ -131,13 +134,6 @@ def triton_flash_attention_bwd(dout, dlse, q, k, v, out, lse, causal, softmax_sc
             else dsinks)
 
 
-def nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K, dtype):
-    """The op's NF4 arguments as the LoRA kernels take them (None for a dense weight)."""
-    if weight is not None:
-        return None
-    return NF4Weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, (N, K), dtype)
-
-
 def lora_gemv_cuda(x, state: NF4Weight, bias, xa, lora_B, scaling):
     """Decode (M <= _C.lora_gemv_max_rows): y = x·Wᵀ + bias + scaling·xa·Bᵀ reading the packed W once.
 
@@ -160,12 +156,8 @@ def lora_gemv_cuda(x, state: NF4Weight, bias, xa, lora_B, scaling):
     lora_B = lora_B.to(x.dtype).contiguous()
     xa = xa.float().contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    packed = as_bytes(state.packed)
-    scales = absmax_operands(state.absmax, state.nested_absmax, state.nested_code, state.offset)
-    absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*scales)
     _C.lora_gemv_nf4_cuda(
-        x.data_ptr(), dtype_tag(x.dtype), M, K, packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr,
-        nested_code_ptr, offset_ptr, state.nested_blocksize, state.blocksize, N,
+        x.data_ptr(), dtype_tag(x.dtype), M, K, *state.native_pointers(), state.nested_blocksize, state.blocksize, N,
         0 if bias is None else bias.data_ptr(), xa.data_ptr(), lora_B.data_ptr(), r, float(scaling), y.data_ptr(),
         _stream(x.device),
     )
@@ -196,7 +188,7 @@ def _gemv_applies(x, state, dropout_p) -> bool:
     # the GEMV needs 16-byte aligned packed bytes; dropout (training) takes the Triton path
     return (state is not None and x.is_cuda and has_cuda_kernels() and dropout_p == 0.0
             and x.shape[0] <= _C.lora_gemv_max_rows
-            and as_bytes(state.packed).data_ptr() % 16 == 0)
+            and state.packed.data_ptr() % 16 == 0)
 
 
 def _dequant_once_applies(x, weight) -> bool:
@@ -217,8 +209,8 @@ def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code
         # (torch.compile's CUDA graphs, a direct op call).
         raise RuntimeError(f"lora_linear_fwd: dropout (dropout_p={dropout_p}) cannot be captured in a CUDA graph: "
                            "every replay would reuse the dropout mask of the seed drawn at capture")
-    state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                       out_features, x.shape[1], x.dtype)
+    state = lora_ops.nf4_base(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                              nested_blocksize, out_features, x.shape[1], x.dtype)
     if _gemv_applies(x, state, dropout_p):
         xa = x.float() @ lora_A.float().t()
         return lora_gemv_cuda(x, state, bias, xa, lora_B, scaling), xa
@@ -232,8 +224,8 @@ def triton_lora_linear_fwd(x, weight, packed, absmax, nested_absmax, nested_code
 @cuda_kernel(lora_ops.lora_linear_bwd, "Triton fused, dequantize-once + cuBLAS (large M)")
 def triton_lora_linear_bwd(dy, x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                            nested_blocksize, lora_A, lora_B, scaling, dropout_p, seed, xa):
-    state = nf4_weight(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                       dy.shape[1], x.shape[1], x.dtype)
+    state = lora_ops.nf4_base(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                              nested_blocksize, dy.shape[1], x.shape[1], x.dtype)
     if _dequant_once_applies(x, weight):
         dx, dA, dB, dbias = lora_backward_dequant_mm(dy, x, weight, state, lora_A, lora_B, scaling, dropout_p,
                                                      int(seed), xa)

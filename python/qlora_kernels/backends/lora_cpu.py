@@ -24,7 +24,7 @@ import torch
 from .._native import native
 from ..nf4_weight import NF4Weight
 from ..reference.lora import dropout_threshold
-from .common import dtype_tag, nested_pointers
+from .common import dtype_tag
 
 _C = native()
 
@@ -57,26 +57,10 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _checked(nf4: NF4Weight) -> NF4Weight:
-    """The state as the C++ side reads it: contiguous, fp32 scales, uint8 codes and bytes."""
-    packed = nf4.packed.reshape(-1)
-    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
-    if packed.numel() != (nf4.numel + 1) // 2:
-        raise ValueError(f"packed holds {packed.numel()} bytes, a weight of shape {nf4.shape} needs "
-                         f"{(nf4.numel + 1) // 2}")
-    if nf4.nested_absmax is None:
-        absmax = nf4.absmax.contiguous().float()
-        nested = (None, None, None)
-    else:
-        if nf4.absmax.dtype != torch.uint8 or nf4.nested_code is None or nf4.offset is None:
-            raise ValueError("double quant needs uint8 absmax codes, nested_code and offset")
-        absmax = nf4.absmax.contiguous()
-        nested = tuple(t.contiguous().float() for t in (nf4.nested_absmax, nf4.nested_code, nf4.offset))
-    for name, t in (("packed", packed), ("absmax", absmax)) + tuple(zip(("nested_absmax", "nested_code", "offset"),
-                                                                          nested)):
-        if t is not None and t.device.type != "cpu":
-            raise ValueError(f"{name} is on {t.device}; the CPU path needs CPU tensors")
-    return NF4Weight(packed.contiguous(), absmax, *nested, nf4.blocksize, nf4.nested_blocksize, nf4.shape, nf4.dtype)
+def _on_cpu(nf4: NF4Weight) -> NF4Weight:
+    if nf4.device.type != "cpu":
+        raise ValueError(f"the NF4 weight is on {nf4.device}; the CPU path needs CPU tensors")
+    return nf4
 
 
 def nf4_dequantize_range_cpu(nf4: NF4Weight, start: int, count: int, dtype: torch.dtype,
@@ -89,17 +73,13 @@ def nf4_dequantize_range_cpu(nf4: NF4Weight, start: int, count: int, dtype: torc
         out = torch.empty(count, dtype=dtype)
     elif out.dtype != dtype or out.numel() < count or not out.is_contiguous() or out.device.type != "cpu":
         raise ValueError("out must be a contiguous CPU tensor of dtype with at least `count` elements")
-    nf4 = _checked(nf4)
+    _on_cpu(nf4)
     if count == 0:
         return out[:0]
     if _C is None:
         raise RuntimeError("the CPU LoRA path needs the native module qlora_kernels._C (build with pip install .)")
-    absmax, absmax_q, nested_absmax, nested_code, offset = nested_pointers(nf4.absmax, nf4.nested_absmax,
-                                                                          nf4.nested_code, nf4.offset)
-    _C.nf4_dequantize_range_cpu(
-        nf4.packed.data_ptr(), absmax, absmax_q, nested_absmax, nested_code, offset, nf4.nested_blocksize, start,
-        count, nf4.blocksize, out.data_ptr(), dtype_tag(dtype), torch.get_num_threads(),
-    )
+    _C.nf4_dequantize_range_cpu(*nf4.native_pointers(), nf4.nested_blocksize, start, count, nf4.blocksize,
+                                out.data_ptr(), dtype_tag(dtype), torch.get_num_threads())
     return out
 
 
@@ -119,7 +99,7 @@ class _Tiles:
     def __init__(self, weight, nf4, N, K, dtype, tile_rows):
         self.weight, self.K, self.dtype = weight, K, dtype
         self.gemm_dtype = _gemm_dtype(dtype)
-        self.nf4 = None if nf4 is None else _checked(nf4)
+        self.nf4 = None if nf4 is None else _on_cpu(nf4)
         self.rows = (_tile_rows(N, K, self.gemm_dtype, tile_rows)
                      if nf4 is not None or weight.dtype != self.gemm_dtype else N)
         self.N = N
@@ -162,8 +142,8 @@ def _dropped(xf: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> t
 def lora_forward_cpu(x2d, weight, nf4_state, bias, lora_A, lora_B, scaling, keep, dropout_p, *, tile_rows=None):
     """(y [M, N] in x's dtype, xa = dropout(x)·Aᵀ [M, r] in x's dtype).
 
-    `weight`: dense [N, K] or None; `nf4_state`: an `NF4Weight` (or an object with its fields)
-    or None. `keep`: bool [M, K] keep mask or None (no dropout). W is never materialized whole:
+    `weight`: dense [N, K] or None; `nf4_state`: an `NF4Weight` or None. `keep`: bool [M, K]
+    keep mask or None (no dropout). W is never materialized whole:
     at most `tile_rows` rows of it (default: TILE_BYTES of the GEMM dtype) exist at once.
     """
     M, N, K = _shapes(x2d, weight, nf4_state)

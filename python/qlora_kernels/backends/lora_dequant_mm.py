@@ -46,53 +46,34 @@ from collections.abc import Iterator
 
 import torch
 
-from .. import reference
 from .._native import has_cuda_kernels, native
 from ..nf4_weight import NF4Weight
-from .common import as_bytes, dtype_tag, nested_pointers
+from .common import dtype_tag
 
 _C = native()
 
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def absmax_operands(absmax, nested_absmax, nested_code, offset) -> list[torch.Tensor | None]:
-    """The NF4 scales as the CUDA kernels read them: contiguous, fp32, absmax uint8 codes with double
-    quant. Keep the list referenced until the launch is enqueued (the copies are temporaries)."""
-    tensors = [t.contiguous() if t is not None else None for t in (absmax, nested_absmax, nested_code, offset)]
-    return [t.float() if t is not None and t.dtype != torch.uint8 else t for t in tensors]
-
-
-def nf4_dequantize_into(packed, absmax, nested_absmax, nested_code, offset, blocksize: int, nested_blocksize: int,
-                        out: torch.Tensor) -> torch.Tensor:
-    """The NF4 tensor dequantized into `out` (contiguous, its shape and dtype those of the result, on
-    packed's device): the CUDA C++ kernel for a CUDA tensor when it was built, else the Triton one
-    (which also runs on CPU tensors under TRITON_INTERPRET=1)."""
-    if out.dtype not in _COMPUTE_DTYPES or not out.is_contiguous() or out.device != packed.device:
-        raise ValueError(f"out must be a contiguous fp32/fp16/bf16 tensor on {packed.device}, got "
-                         f"{out.dtype} on {out.device} (contiguous: {out.is_contiguous()})")
+def nf4_dequantize_into(weight: NF4Weight, out: torch.Tensor) -> torch.Tensor:
+    """`weight` dequantized into `out` (contiguous, of its shape, fp32/fp16/bf16, on its device):
+    the CUDA C++ kernel for a CUDA tensor when it was built, else the Triton one (which also
+    runs on CPU tensors under TRITON_INTERPRET=1)."""
+    if out.dtype not in _COMPUTE_DTYPES or not out.is_contiguous() or out.device != weight.device \
+            or tuple(out.shape) != tuple(weight.shape):
+        raise ValueError(f"out must be a contiguous fp32/fp16/bf16 tensor of shape {list(weight.shape)} on "
+                         f"{weight.device}, got {out.dtype} {list(out.shape)} on {out.device} (contiguous: "
+                         f"{out.is_contiguous()})")
     if out.is_cuda and has_cuda_kernels():
-        packed = as_bytes(packed)
-        n = out.numel()
-        reference.check_blocksize(blocksize)
-        if packed.numel() < (n + 1) // 2 or absmax.numel() < -(-n // blocksize):
-            raise ValueError(f"packed ({packed.numel()} bytes) or absmax ({absmax.numel()} values) too short for "
-                             f"{n} elements in blocks of {blocksize}")
-        if nested_absmax is not None and (nested_code is None or offset is None or nested_blocksize <= 0):
-            raise ValueError("double quant needs nested_absmax, nested_code, offset and nested_blocksize > 0")
-        scales = absmax_operands(absmax, nested_absmax, nested_code, offset)
-        absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr = nested_pointers(*scales)
         _C.nf4_dequantize_cuda(
-            packed.data_ptr(), absmax_ptr, absmax_q, nested_absmax_ptr, nested_code_ptr, offset_ptr, nested_blocksize,
-            n, blocksize, out.data_ptr(), dtype_tag(out.dtype),
-            torch.cuda.current_stream(out.device).cuda_stream,
+            *weight.native_pointers(), weight.nested_blocksize, out.numel(), weight.blocksize, out.data_ptr(),
+            dtype_tag(out.dtype), torch.cuda.current_stream(out.device).cuda_stream,
         )
         return out
     # imported on first use: `import qlora_kernels` stays free of triton's start-up cost
     from ..triton.nf4_dequant import nf4_dequantize_triton
 
-    return nf4_dequantize_triton(packed, absmax, blocksize, out.shape, out.dtype, nested_absmax, nested_code, offset,
-                                 nested_blocksize, out=out)
+    return nf4_dequantize_triton(weight, out.dtype, out=out)
 
 
 class Workspace:
@@ -138,8 +119,7 @@ def dequantized(nf4_state: NF4Weight, dtype: torch.dtype, device: torch.device) 
     ws = workspace(device)
     with ws.lock:
         w = ws.take(tuple(nf4_state.shape), dtype)
-        yield nf4_dequantize_into(nf4_state.packed, nf4_state.absmax, nf4_state.nested_absmax, nf4_state.nested_code,
-                                  nf4_state.offset, nf4_state.blocksize, nf4_state.nested_blocksize, w)
+        yield nf4_dequantize_into(nf4_state, w)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as nf4_ops
@@ -49,8 +50,9 @@ def nf4_dequantize_triton_cpu(packed, absmax, nested_absmax, nested_code, offset
     # imported on first use, as the CUDA backend does
     from ..triton.nf4_dequant import nf4_dequantize_triton
 
-    return nf4_dequantize_triton(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
-                                 nested_blocksize)
+    w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+                               dtype)
+    return nf4_dequantize_triton(w, dtype)
 
 
 def register() -> None:

@@ -7,8 +7,9 @@ import types
 import torch
 from torch import nn
 
-from ..checkpoint import state_to_dict, weight_from_state_dict
-from ..nf4 import FLOAT_DTYPES, NF4QuantState, check_packed, nf4_dequantize, nf4_quantize
+from ..bnb_state_dict import state_to_dict, weight_from_state_dict
+from ..nf4 import nf4_dequantize, nf4_quantize
+from ..nf4_weight import FLOAT_DTYPES, NF4QuantState, NF4Weight
 
 _STATE_FIELDS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
 
@@ -66,15 +67,18 @@ class NF4Linear(nn.Module):
             raise ValueError(
                 f"quantized weight has shape {tuple(state.shape)}, expected ({self.out_features}, {self.in_features})"
             )
-        check_packed(packed, state)
+        NF4Weight(packed, state)
         self.weight = nn.Parameter(packed, requires_grad=False)
         for name in _STATE_FIELDS:
             self.register_buffer(name, getattr(state, name), persistent=False)
-        self._meta = (state.shape, state.dtype, state.blocksize, state.nested_blocksize, packed.dtype)
+        self._state = state
+        self._storage = packed.dtype
 
     @property
     def quant_state(self) -> NF4QuantState:
-        shape, dtype, blocksize, nested_blocksize, storage = self._meta
+        """The layer's quant state, checked once: rebuilt (and checked again) only when a move
+        (`.to(device)`) or a load replaced one of its buffers."""
+        storage = self._storage
         if self.weight.dtype != storage:
             # a bf16 -> fp16 cast keeps the byte count and would silently scramble the codes
             raise TypeError(
@@ -83,11 +87,16 @@ class NF4Linear(nn.Module):
                 f"prepare_model_for_kbit_training run after quantizing). Use param_dtype=None or {storage} (the quant "
                 "storage), or quant_storage=torch.uint8, which FSDP never casts"
             )
-        return NF4QuantState(
-            absmax=self.absmax, shape=shape, dtype=dtype, blocksize=blocksize, code=self.code,
-            offset=self.offset, nested_absmax=self.nested_absmax, nested_code=self.nested_code,
-            nested_blocksize=nested_blocksize,
-        )
+        state = self._state
+        if any(getattr(self, n) is not getattr(state, n) for n in _STATE_FIELDS):
+            state = self._state = state.with_tensors(**{n: getattr(self, n) for n in _STATE_FIELDS
+                                                         if getattr(self, n) is not None})
+        return state
+
+    @property
+    def nf4_weight(self) -> NF4Weight:
+        """The packed weight and its state as one `NF4Weight` (what `lora_linear` takes)."""
+        return NF4Weight(self.weight, self.quant_state)
 
     @property
     def quant_storage(self) -> torch.dtype:

@@ -46,11 +46,19 @@ def _lora_classes():
 
 
 def _bnb_state(base):
-    """(packed, NF4QuantState) of an NF4 Linear4bit, or None for FP4 or the CPU inference layout."""
+    """(packed, NF4QuantState) of an NF4 Linear4bit, or None for FP4 or the CPU inference layout.
+    The state is checked once and kept on the layer until bitsandbytes replaces one of its
+    tensors (a move to another device)."""
     qs = _bnb_quant_state(base)
     if qs is None or qs.quant_type != "nf4" or getattr(qs, "packing_format_for_cpu", False):
         return None
-    return base.weight.data, nf4_state_from_bnb(qs)
+    state = getattr(base, "_qlora_kernels_state", None)
+    nested = qs.state2
+    current = (qs.absmax, qs.code, qs.offset if nested else None, nested.absmax if nested else None)
+    if state is None or any(a is not b for a, b in zip(current, (state.absmax, state.code, state.offset,
+                                                                  state.nested_absmax))):
+        state = base._qlora_kernels_state = nf4_state_from_bnb(qs)
+    return base.weight.data, state
 
 
 def _is_conv1d(base) -> bool:

@@ -424,28 +424,14 @@ def _weight_args(weight: torch.Tensor | None, nf4_state: NF4Weight | None, N: in
                     blocksize=1, nested_blocksize=1, K_ALIGNED=False)
 
     s = nf4_state
-    reference.check_blocksize(s.blocksize)
     if tuple(s.shape) != (N, K):
         raise ValueError(f"nf4_state is {list(s.shape)}, the LoRA factors need [{N}, {K}]")
-    packed = s.packed.contiguous().view(-1)
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)
-    n_blocks = -(-N * K // s.blocksize)
-    if packed.numel() < (N * K + 1) // 2 or s.absmax.numel() < n_blocks:
-        raise ValueError("nf4_state.packed or nf4_state.absmax too short for [N, K]")
-    double_quant = s.nested_absmax is not None
-    if double_quant:
-        if s.nested_code is None or s.offset is None:
-            raise ValueError("double quant needs nested_absmax, nested_code and offset together")
-        if s.nested_blocksize <= 0 or s.nested_blocksize & (s.nested_blocksize - 1):
-            raise ValueError(f"nested_blocksize={s.nested_blocksize} must be a power of two")
-        absmax = s.absmax.reshape(-1).to(device=device, dtype=torch.uint8).contiguous()
-        nested_absmax = s.nested_absmax.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-        nested_code = s.nested_code.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-        offset = s.offset.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-    else:
-        absmax = s.absmax.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-        nested_absmax = nested_code = offset = absmax
+    if s.device != device:
+        raise ValueError(f"nf4_state is on {s.device}, x on {device}")
+    packed, absmax, double_quant = s.packed, s.absmax, s.double_quant
+    # unused pointers without double quant: any tensor on the device will do
+    nested_absmax, nested_code, offset = (s.nested_absmax, s.nested_code, s.offset) if double_quant \
+        else (absmax, absmax, absmax)
     return dict(w_ptr=packed, packed_ptr=packed, absmax_ptr=absmax, nested_absmax_ptr=nested_absmax,
                 nested_code_ptr=nested_code, offset_ptr=offset, code_ptr=_nf4_code(device), W_NF4=True,
                 DOUBLE_QUANT=double_quant, blocksize=s.blocksize,

@@ -32,14 +32,12 @@ is done on the bits instead.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
 from qlora_kernels import reference
+from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.triton._common import _cast_rn, _interpreting
 
 __all__ = ["nf4_dequantize_triton", "nf4_dequant_values", "nf4_absmax_values"]
@@ -112,67 +110,32 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     tl.store(out_ptr + elem_idx, _cast_rn(values, out_ptr.dtype.element_ty, NV_PTX), mask=mask)
 
 
-def nf4_dequantize_triton(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    nested_absmax: torch.Tensor | None = None,
-    nested_code: torch.Tensor | None = None,
-    offset: torch.Tensor | None = None,
-    nested_blocksize: int = reference.NESTED_BLOCKSIZE,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton twin of `reference.nf4_dequantize` (same arguments, same bits).
+def nf4_dequantize_triton(weight: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of `reference.nf4_dequantize` (same bits): `weight` in `dtype`.
 
-    `packed` may have any storage dtype (its bytes are read as uint8). `absmax` is fp32,
-    or uint8 codes when `nested_absmax`, `nested_code` and `offset` (0-d fp32) are given.
-    The output is allocated on `packed`'s device, or written into `out` (contiguous, `shape`,
-    `dtype`, on `packed`'s device), which is returned: a caller that dequantizes the same
-    shapes over and over keeps one buffer.
+    The output is allocated on the weight's device, or written into `out` (contiguous, of the
+    weight's shape, `dtype`, on its device), which is returned: a caller that dequantizes the
+    same shapes over and over keeps one buffer.
     """
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"dtype={dtype} is not supported; use one of {_OUT_DTYPES}")
-    reference.check_blocksize(blocksize)
-    shape = tuple(int(s) for s in shape)
-    n = math.prod(shape)
-    device = packed.device
+    shape = tuple(weight.shape)
+    device = weight.device
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
     elif tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, got "
                          f"{'a non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} tensor of shape "
                          f"{list(out.shape)} on {out.device}")
-    if n == 0:
+    if weight.numel == 0:
         return out
-
-    packed = packed.contiguous().view(-1)
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)
-    if packed.numel() < (n + 1) // 2:
-        raise ValueError(f"packed has {packed.numel()} bytes, {(n + 1) // 2} needed for {n} elements")
-    n_blocks = -(-n // blocksize)
-    if absmax.numel() < n_blocks:
-        raise ValueError(f"absmax has {absmax.numel()} values, {n_blocks} needed")
-
-    double_quant = nested_absmax is not None
+    double_quant = weight.double_quant
+    absmax = weight.absmax
+    # unused pointers without double quant: any tensor on the device will do
+    nested_absmax, nested_code, offset = (weight.nested_absmax, weight.nested_code, weight.offset) if double_quant \
+        else (absmax, absmax, absmax)
     code = reference.nf4_code(device)
-    if double_quant:
-        if nested_code is None or offset is None:
-            raise ValueError("double quant needs nested_absmax, nested_code and offset together")
-        if nested_blocksize <= 0 or nested_blocksize & (nested_blocksize - 1):
-            raise ValueError(f"nested_blocksize={nested_blocksize} must be a power of two")
-        absmax = absmax.reshape(-1).to(device=device, dtype=torch.uint8).contiguous()
-        nested_absmax = nested_absmax.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-        nested_code = nested_code.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-        offset = offset.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-        if nested_absmax.numel() < -(-n_blocks // nested_blocksize) or offset.numel() != 1:
-            raise ValueError("nested_absmax too short or offset not a single value")
-    else:
-        absmax = absmax.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-        # unused pointers; any tensor on the device will do
-        nested_absmax = nested_code = offset = absmax
+    blocksize, nested_blocksize, packed, n = weight.blocksize, weight.nested_blocksize, weight.packed, weight.numel
 
     nv_ptx = device.type == "cuda" and torch.version.hip is None and not _interpreting()
     grid = (triton.cdiv(n, BLOCK_SIZE),)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from . import reference
-from .nf4 import FLOAT_DTYPES, NF4QuantState, packed_nbytes
+from .nf4_weight import FLOAT_DTYPES, NF4QuantState, NF4Weight
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -35,7 +35,7 @@ def state_to_dict(state: NF4QuantState) -> dict[str, torch.Tensor]:
         "dtype": _DTYPE_NAMES[state.dtype],
         "shape": list(state.shape),
     }
-    out = {"absmax": state.absmax, "quant_map": state.code}
+    out = {"absmax": state.absmax, "quant_map": reference.nf4_code(state.device) if state.code is None else state.code}
     if state.double_quant:
         out["nested_absmax"] = state.nested_absmax
         out["nested_quant_map"] = state.nested_code.clone()
@@ -77,17 +77,12 @@ def _field(meta: dict, key: str, kind, where: str):
     return value
 
 
-def _tensor(entries: Mapping[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int, where: str) -> torch.Tensor:
+def _entry(entries: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
     if key not in entries:
         raise _fail(where, f"missing {key!r}")
-    t = entries[key]
-    if not isinstance(t, torch.Tensor):
-        raise _fail(where, f"{key!r} must be a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise _fail(where, f"{key!r} has dtype {t.dtype}, expected {dtype}")
-    if t.numel() != numel:
-        raise _fail(where, f"{key!r} has {t.numel()} elements, expected {numel} (truncated or mismatched checkpoint)")
-    return t
+    if not isinstance(entries[key], torch.Tensor):
+        raise _fail(where, f"{key!r} must be a tensor, got {type(entries[key]).__name__}")
+    return entries[key]
 
 
 def state_from_dict(entries: Mapping[str, torch.Tensor], where: str = "weight") -> NF4QuantState:
@@ -100,39 +95,32 @@ def state_from_dict(entries: Mapping[str, torch.Tensor], where: str = "weight") 
     if _field(meta, "quant_type", str, where) != "nf4":
         raise NotImplementedError(f"{where}: quant_type {meta['quant_type']!r} is not supported, only 'nf4'")
     blocksize = _field(meta, "blocksize", int, where)
-    if blocksize not in reference.ALLOWED_BLOCKSIZES:
-        raise _fail(where, f"blocksize {blocksize} is not one of {reference.ALLOWED_BLOCKSIZES}")
     dtype = _NAME_DTYPES.get(_field(meta, "dtype", str, where))
     if dtype not in FLOAT_DTYPES:
         raise _fail(where, f"dtype {meta['dtype']!r} is not one of {sorted(_NAME_DTYPES)}")
     shape = meta.get("shape")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise _fail(where, f"shape must be a list of non-negative integers, got {shape!r}")
-    numel = math.prod(shape)
-    blocks = -(-numel // blocksize)
-
-    code = _tensor(entries, "quant_map", torch.float32, 16, where)
-    if not torch.equal(code.cpu(), reference.nf4_code()):
+    code = _entry(entries, "quant_map", where)
+    # read on the host: a wrong table on a GPU would otherwise surface as a device-side assert
+    if code.dtype != torch.float32 or not torch.equal(code.detach().cpu().reshape(-1), reference.nf4_code()):
         raise _fail(where, "quant_map is not the NF4 codebook")
-    nested = "nested_absmax" in entries or "nested_offset" in meta
-    if not nested:
-        absmax = _tensor(entries, "absmax", torch.float32, blocks, where)
-        return NF4QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize, code=code)
-
-    nested_blocksize = _field(meta, "nested_blocksize", int, where)
-    if nested_blocksize <= 0:
-        raise _fail(where, f"nested_blocksize must be positive, got {nested_blocksize}")
-    if _field(meta, "nested_dtype", str, where) != "float32":
-        raise _fail(where, f"nested_dtype {meta['nested_dtype']!r} is not supported, only 'float32'")
-    offset = _field(meta, "nested_offset", float, where)
-    absmax = _tensor(entries, "absmax", torch.uint8, blocks, where)
-    nested_absmax = _tensor(entries, "nested_absmax", torch.float32, -(-blocks // nested_blocksize), where)
-    nested_code = _tensor(entries, "nested_quant_map", torch.float32, 256, where)
-    return NF4QuantState(
-        absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize, code=code,
-        offset=torch.tensor(offset, dtype=torch.float32, device=absmax.device),
-        nested_absmax=nested_absmax, nested_code=nested_code, nested_blocksize=nested_blocksize,
-    )
+    fields = dict(shape=torch.Size(shape), dtype=dtype, blocksize=blocksize, code=code,
+                  absmax=_entry(entries, "absmax", where))
+    if "nested_absmax" in entries or "nested_offset" in meta:
+        if _field(meta, "nested_dtype", str, where) != "float32":
+            raise _fail(where, f"nested_dtype {meta['nested_dtype']!r} is not supported, only 'float32'")
+        absmax = fields["absmax"]
+        fields.update(nested_blocksize=_field(meta, "nested_blocksize", int, where),
+                      offset=torch.tensor(_field(meta, "nested_offset", float, where), dtype=torch.float32,
+                                          device=absmax.device),
+                      nested_absmax=_entry(entries, "nested_absmax", where),
+                      nested_code=_entry(entries, "nested_quant_map", where))
+    try:
+        state = NF4QuantState(**fields)
+    except (ValueError, TypeError) as exc:
+        raise _fail(where, f"{exc} (truncated or mismatched checkpoint)") from None
+    return state
 
 
 def weight_from_state_dict(
@@ -148,8 +136,16 @@ def weight_from_state_dict(
         raise _fail(key, f"checkpoint weight has shape {tuple(state.shape)}, the layer expects {tuple(expected_shape)}")
     if not isinstance(packed, torch.Tensor):
         raise _fail(key, f"must be a tensor, got {type(packed).__name__}")
-    nbytes = packed.numel() * packed.element_size()
-    if nbytes != packed_nbytes(state.numel):
-        raise _fail(key, f"holds {nbytes} bytes, a {tuple(state.shape)} NF4 weight needs {packed_nbytes(state.numel)} "
-                         "(truncated or mismatched checkpoint)")
+    try:
+        NF4Weight(packed, state)
+    except (ValueError, TypeError) as exc:
+        raise _fail(key, f"{exc} (truncated or mismatched checkpoint)") from None
     return packed, state
+
+
+def bits_per_parameter(packed: torch.Tensor, state: NF4QuantState) -> float:
+    """Storage of the weight and its whole quant state as this state dict holds them, in bits
+    per weight element."""
+    weight = NF4Weight(packed, state)
+    nbytes = weight.packed.numel() + sum(t.numel() * t.element_size() for t in state_to_dict(state).values())
+    return 8.0 * nbytes / state.numel
