@@ -10,17 +10,10 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .nf4_weight import FLOAT_DTYPES, NF4QuantState, NF4Weight
+from .nf4_weight import NF4QuantState, NF4Weight
 from .ops import nf4 as ops
 
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
-
-
-def _check_float_tensor(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; NF4 quantizes float32, float16 or bfloat16")
 
 
 def _check_storage(quant_storage: torch.dtype) -> None:
@@ -53,9 +46,9 @@ def nf4_quantize(
     bf16 tensor. Raises on a non-float weight, a blocksize bitsandbytes does not allow, or
     NaN / Inf values (they would silently poison a whole block).
     """
-    _check_float_tensor("weight", weight)
-    reference.check_blocksize(blocksize)
-    _check_storage(quant_storage)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    _check_storage(quant_storage)  # dtype and blocksize: the op checks them
     weight = weight.detach()
     packed_u8, absmax = ops.nf4_quantize_blocks(weight, blocksize)
     # absmax is NaN / Inf exactly when its block holds one: a check of 1/blocksize the size
