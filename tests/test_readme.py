@@ -179,7 +179,10 @@ def test_headline_finetune_figures_are_those_of_their_records(capsys):
         _cli_accepts(command, capsys)
         model = re.search(r"--model (\w+)", command).group(1)
         record = json.loads(_link_target(record_cell).read_text())
-        assert record["config"]["family"] == model and record["config"]["size"] == "tiny"
+        config = record["config"]
+        assert (config["family"], config["size"]) == (model, "tiny")
+        # the run the table's caption describes: 50 steps of 4 x 256 tokens
+        assert (config["steps"], config["batch_size"], config["seq_len"]) == (50, 4, 256)
         ratios = record["summary"]["patched_over_stock"]
         assert (tokens_cell, memory_cell) == (_ratio(ratios["tokens_per_s"]), _ratio(ratios["peak_mb"])), command
 
