@@ -1,10 +1,22 @@
-"""`qlora-kernels` / `python -m qlora_kernels`: finetune (the main job), bench, env."""
+"""`qlora-kernels` / `python -m qlora_kernels`: finetune (the main job), bench, env.
+
+Exit codes: 0 done; 1 the job could not run here or its result cannot be trusted
+(`JobFailed`, a file that cannot be read or written); 2 an argument it cannot run with
+(`JobArgumentError`, or one argparse refuses). Either way the reason is one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+
+from . import __version__
+from .errors import JobArgumentError, JobFailed
+
+EXIT_FAILED = 1
+EXIT_BAD_ARGUMENT = 2  # argparse's own code for a usage error
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -35,13 +47,25 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_parser(sub) -> None:
+def _logging_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="info",
+                       help="log what patch() did to the model and which backend runs each op (--log-level info)")
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="level of the qlora_kernels log on stderr (default warning)")
+    common.set_defaults(log_level="warning")  # one default for both options of the same setting
+    return common
+
+
+def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     from .finetune import FAMILIES, RUN_DEFAULTS, SIZES
 
     sizes = "\n".join(f"  {k:<6} seq {v['seq_len']}, batch {v['batch_size']}, {v['steps']} steps, lr {v['lr']:g}"
-                       for k, v in RUN_DEFAULTS.items())
+                      for k, v in RUN_DEFAULTS.items())
     p = sub.add_parser(
-        "finetune", help="QLoRA fine-tuning of a random-init model, stock vs patched, side by side (make demo)",
+        "finetune", parents=[common],
+        help="QLoRA fine-tuning of a random-init model, stock vs patched, side by side (make demo)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Build a random-init Llama / OPT / Bloom from a size preset (no download), save it as bf16,\n"
                     "and fine-tune it twice with the usual QLoRA recipe (bitsandbytes NF4 double quant on load,\n"
@@ -61,7 +85,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: per size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, LoRA init, data order, dropout")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", default="runs", help="folder for the run folders (default runs)")
+    p.add_argument("--out", default="runs", help="folder for the run folders (default runs, in the current folder)")
     p.add_argument("--only", default="both", choices=["both", "stock", "patched"], help="train one side only")
     p.add_argument("--in-process", action="store_true",
                    help="train both sides in this process (faster start; CPU peak memory is then not comparable)")
@@ -69,28 +93,55 @@ def _finetune_parser(sub) -> None:
     p.set_defaults(fn=_finetune)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qlora-kernels", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="qlora-kernels", description=__doc__.split("\n\n")[0],
+                                  epilog=__doc__.split("\n\n", 1)[1])
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+    common = _logging_options()
 
-    _finetune_parser(sub)
+    _finetune_parser(sub, common)
 
-    p = sub.add_parser("bench", help="microbenchmarks vs what users run today; writes benchmarks/results/*.json",
+    p = sub.add_parser("bench", parents=[common],
+                       help="microbenchmarks vs what users run today; writes runs/bench-*.json",
                        description="Check each op against its baseline and time both side by side on one device; "
-                                   "writes <out>/<device>-<date>.json and a PNG.")
+                                   "writes <out>/bench-<device>-<date>.json and a PNG.")
     p.add_argument("what", nargs="?", default="all", choices=["nf4", "lora", "attention", "all"],
                    help="which op's suite (default all)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the results JSON")
+    p.add_argument("--out", default="runs", help="folder for the results JSON and PNG (default runs, in the "
+                                                 "current folder)")
     p.add_argument("--markdown", metavar="JSON", help="print a results JSON as the README's Markdown table; no run")
     p.set_defaults(fn=_bench)
 
-    p = sub.add_parser("env", help="what was compiled and what is usable here",
+    p = sub.add_parser("env", parents=[common], help="what was compiled and what is usable here",
                        description="Print (JSON) the compiled CUDA archs, runtime and the backend of each op here.")
     p.set_defaults(fn=_env)
+    return top
 
-    args = parser.parse_args(argv)
-    return args.fn(args)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # the library only logs; showing its log is the application's choice, here on stderr
+    logger = logging.getLogger("qlora_kernels")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
+    try:
+        return args.fn(args)
+    except JobArgumentError as e:
+        code, message = EXIT_BAD_ARGUMENT, str(e)
+    except JobFailed as e:
+        code, message = EXIT_FAILED, str(e)
+    except OSError as e:  # a folder that cannot be written, a results file that is not there
+        code, message = EXIT_FAILED, f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    finally:  # main() may be called again in this process (tests, scripts)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    print(f"qlora-kernels {args.command}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

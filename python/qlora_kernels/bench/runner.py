@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..env import backends
+from ..errors import JobFailed
 from . import attention, lora, nf4
 from .case import Case, shape_label
 from .memory import cuda_peak_mb
@@ -22,8 +23,8 @@ def measure(case: Case, device: torch.device, quick: bool, copy_gbps: float) -> 
     """Check the case against its baseline, then time ours, the baseline and `also` side by side: one row."""
     try:
         case.check()
-    except AssertionError as e:
-        raise AssertionError(f"{case.label}: {e}") from None
+    except AssertionError as e:  # a wrong result is not timed
+        raise JobFailed(f"{case.label}: {e}") from None
     timed = {"ours": case.ours, "baseline": case.baseline, **case.also}
     ms = {name: median_ms(fn, device, quick) for name, fn in timed.items()}
     row = {"op": case.op, "shape": case.shape, **case.info, "dtype": case.dtype, "ours_ms": round(ms["ours"], 4),
@@ -79,8 +80,10 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def run(what: str = "nf4", quick: bool = False, out_dir: str = "benchmarks/results",
-        device: str | None = None) -> Path:
+def run(what: str = "nf4", quick: bool = False, out_dir: str = "runs", device: str | None = None) -> Path:
+    """Check and time the suite(s) `what`; writes `<out_dir>/bench-<device>-<date>.json` and a PNG
+    (out_dir relative to the current folder) and returns the JSON's path. JobFailed when one of
+    ours disagrees with its baseline."""
     dev = torch.device(device) if device else default_device()
     if dev.type == "cpu":
         warm_cpu_allocations()
@@ -95,9 +98,9 @@ def run(what: str = "nf4", quick: bool = False, out_dir: str = "benchmarks/resul
     print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
 
     date = dt.date.today().strftime("%Y%m%d")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{slug(name)}-{date}{'-quick' if quick else ''}"
+    stem = f"bench-{slug(name)}-{date}{'-quick' if quick else ''}"
     result = {
         "device": name, "date": date, "quick": quick,
         "command": "python -m qlora_kernels bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [what]),
