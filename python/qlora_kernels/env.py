@@ -7,7 +7,7 @@ from importlib import metadata
 
 import torch
 
-from ._native import native, native_error
+from ._native import cuda_driver_version, cuda_release, has_cuda_kernels, native, native_error
 
 
 def _version(dist: str) -> str | None:
@@ -22,6 +22,7 @@ def backends() -> dict:
     mod = native()
     build = dict(mod.build_info) if mod is not None else {"cuda": False, "cuda_archs": "", "cuda_runtime": ""}
     cuda_visible = torch.cuda.is_available()
+    driver = cuda_driver_version()
     report = {
         "qlora_kernels": _version("qlora-kernels"),
         "python": platform.python_version(),
@@ -35,6 +36,9 @@ def backends() -> dict:
         "cuda_kernels_compiled": build["cuda"],
         "cuda_archs": build["cuda_archs"],
         "cuda_runtime_compiled": build["cuda_runtime"],
+        "cuda_driver": None if driver is None else cuda_release(driver),
+        # False where the driver is older than the compiled runtime: CUDA ops run Triton kernels
+        "cuda_kernels_usable": has_cuda_kernels(),
         "cpu_threads": torch.get_num_threads(),
         "cuda_available": cuda_visible,
         "device": torch.cuda.get_device_name(0) if cuda_visible else platform.processor() or platform.machine(),
