@@ -1,8 +1,8 @@
 """`qlora-kernels` / `python -m qlora_kernels`: finetune (the main job), bench, env.
 
-Exit codes: 0 done; 1 the job could not run here or its result cannot be trusted
-(`JobFailed`, a file that cannot be read or written); 2 an argument it cannot run with
-(`JobArgumentError`, or one argparse refuses). Either way the reason is one line on stderr.
+Exit codes: 0 done; 1 the job could not run here, could not read or write a file, or its
+result cannot be trusted; 2 an argument it cannot run with. Either way the reason is one
+line on stderr.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def _logging_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="info",
-                       help="log what patch() did to the model and which backend runs each op (--log-level info)")
+                       help="show the qlora_kernels log at INFO: what patch() did to the model, which backend "
+                            "runs each op (--log-level info)")
     group.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                        help="level of the qlora_kernels log on stderr (default warning)")
     common.set_defaults(log_level="warning")  # one default for both options of the same setting
