@@ -1,21 +1,24 @@
 # Two commands on a fresh clone: `make demo` (the main job) and `make test` (all tests).
 # Both create .venv, install the pinned tools and build the native module (C++ and, when
-# nvcc is found, the CUDA kernels). `make test-lower` runs all tests again in .venv-lower,
-# at the lower bounds of pyproject.toml (requirements-lower.txt).
+# nvcc is found, the CUDA kernels) as an editable install. `make test-lower` runs all tests
+# again in .venv-lower, at the lower bounds of pyproject.toml (requirements-lower.txt).
+# `make wheel` writes an sdist and a wheel built from it to dist/; `make test-torch211` runs
+# tests with that wheel under torch 2.11.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 BUILT := $(VENV)/.native-built
-# the editable install rebuilds _C only when native code or the build description changes
-NATIVE_SOURCES := $(wildcard csrc/* kernels/*) CMakeLists.txt setup.py pyproject.toml
+# the editable install rebuilds _C only when native code or the build description changes, and
+# then only what changed (its CMake tree stays in build/, pyproject.toml)
+NATIVE_SOURCES := $(wildcard csrc/* kernels/*) CMakeLists.txt pyproject.toml
 LOWER := .venv-lower
 LOWER_PY := $(LOWER)/bin/python
 LOWER_STAMP := $(LOWER)/.deps-installed
 LOWER_LINKED := $(LOWER)/.package-linked
 site_packages = $(shell $(1) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
-.PHONY: build test test-lower demo bench clean
+.PHONY: build test test-lower demo bench wheel test-torch211 clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +46,12 @@ $(LOWER_STAMP): requirements-lower.txt | $(LOWER_PY)
 	touch $@
 
 # _C links no libtorch (CMakeLists.txt), so the module `make build` compiled serves this venv
-# too: the editable install is a path file plus the package's metadata, copied from .venv
-# instead of compiling the CUDA kernels a second time.
+# too: the editable install is an import redirect (to python/ and to _C, which lives in build/,
+# see pyproject.toml) with its path file, plus the package's metadata, copied from .venv
+# instead of compiling the CUDA kernels a second time. Any earlier install is removed first.
 $(LOWER_LINKED): $(BUILT) $(LOWER_STAMP)
-	cp -r $(call site_packages,$(PY))/__editable__.qlora_kernels-*.pth \
+	$(LOWER_PY) -m pip uninstall -q -y qlora-kernels
+	cp -r $(call site_packages,$(PY))/_editable_skbc_qlora_kernels.* \
 	      $(call site_packages,$(PY))/qlora_kernels-*.dist-info $(call site_packages,$(LOWER_PY))/
 	touch $@
 
@@ -61,5 +66,25 @@ demo: build
 bench: build
 	$(PY) -m qlora_kernels bench all
 
+# with the build tools of .venv (no download); QLORA_KERNELS_CUDA=0 leaves the CUDA kernels out
+wheel: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+
+# torch's lower bound, 2.11, is on the index only as a CUDA build (about 4.8 GB with its NVIDIA
+# dependencies; it runs on CPU), so CI does not run it. The wheel `make wheel` built (not the
+# editable install: one built module serves several torch releases) is installed next to torch
+# 2.11 and the other lower bounds. TORCH211_TESTS picks the tests.
+TORCH211 := .venv-torch211
+TORCH211_TESTS ?= tests/test_nf4_kernels.py tests/test_nf4_reference.py tests/test_nf4_storage.py \
+	tests/test_nf4_linear.py tests/test_lora_cpu.py tests/test_attention_cpu.py tests/test_native_build.py
+test-torch211: wheel
+	test -x $(TORCH211)/bin/python || $(PYTHON) -m venv $(TORCH211)
+	grep -v '^torch==' requirements-lower.txt > $(TORCH211)/requirements.txt
+	$(TORCH211)/bin/python -m pip install -q "torch==2.11.*" -r $(TORCH211)/requirements.txt
+	$(TORCH211)/bin/python -m pip install -q --no-deps --force-reinstall dist/*.whl
+	$(TORCH211)/bin/python -m pytest -q -p no:cacheprovider $(TORCH211_TESTS) \
+	    -W "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
+
 clean:
-	rm -rf build dist python/*.egg-info python/qlora_kernels/_C*.so $(BUILT)
+	rm -rf build dist $(BUILT)
