@@ -301,6 +301,23 @@ def test_varlen_decode_with_keys_packed_like_queries():
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("varlen", (False, True), ids=("dense", "varlen"))
+def test_head_dim_with_a_stride_is_read_like_a_contiguous_copy(varlen):
+    # the launcher copies a tensor whose head dim is not unit-stride: the kernel must then
+    # walk the copy's strides, not the original's
+    if varlen:
+        q, k, v, cu_seqlens, cu_seqlens_k = _packed(torch.float32)
+        kw = dict(cu_seqlens=cu_seqlens, max_seqlen=3, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=70)
+    else:
+        q, k, v = _qkv(3, SK, torch.float32)
+        kw = {}
+    strided = [t.transpose(0, -1).contiguous().transpose(0, -1) for t in (q, k, v)]
+    assert all(t.stride(-1) != 1 for t in strided)
+    out, lse = flash_decode_triton(*strided, num_splits=2, **kw)
+    want_out, want_lse = flash_decode_triton(*(t.contiguous() for t in (q, k, v)), num_splits=2, **kw)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
 def test_backend_routes_varlen_decode_over_packed_caches_to_the_decode_kernel(monkeypatch):
     calls = []
 

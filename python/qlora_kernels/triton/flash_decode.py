@@ -226,11 +226,9 @@ def flash_decode_triton(
             cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
         B, Sq, Sk = cu_seqlens.numel() - 1, int(max_seqlen), int(max_seqlen_k)
         lse_shape = (Hq, q.shape[0])
-        q_strides, k_strides, v_strides = ((0, t.stride(1), t.stride(0)) for t in (q, k, v))
     else:
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         lse_shape = (B, Hq, Sq)
-        q_strides, k_strides, v_strides = (t.stride()[:3] for t in (q, k, v))
     device = q.device
     sink_lse = None if sinks is None else sinks.to(device=device, dtype=torch.float32).contiguous()
     if q.numel() == 0 or Sk == 0 or k.numel() == 0:  # no keys: every row is empty
@@ -238,6 +236,11 @@ def flash_decode_triton(
                else sink_lse.view(Hq, 1).expand(lse_shape).contiguous())
         return torch.zeros(q.shape, dtype=q.dtype, device=device), lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    # the copies' strides: a head dim that was not unit-stride has been made contiguous
+    if varlen:
+        qkv_strides = tuple(s for t in (q, k, v) for s in (0, t.stride(1), t.stride(0)))
+    else:
+        qkv_strides = tuple(s for t in (q, k, v) for s in t.stride()[:3])
     group = Hq // Hkv
     slopes = q if alibi_slopes is None else alibi_slopes.to(device=device, dtype=torch.float32).contiguous()
     # bool and uint8 share a byte, so the mask is read in place
@@ -272,7 +275,7 @@ def flash_decode_triton(
     lse_part = torch.empty((q.numel() // D, num_splits), dtype=torch.float32, device=device)
     offsets = (cu_seqlens, cu_seqlens_k) if varlen else (q, q)
     _decode_split_kernel[(num_splits, row_blocks, B * Hkv)](
-        q, k, v, out_part, lse_part, slopes, key_mask, *offsets, *q_strides, *k_strides, *v_strides, *mask_strides,
+        q, k, v, out_part, lse_part, slopes, key_mask, *offsets, *qkv_strides, *mask_strides,
         Sq, Sk, Hkv, group, split_size, num_splits, window, qk_scale, float(softcap) * math.log2(math.e),
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None, HAS_SOFTCAP=softcap > 0,
