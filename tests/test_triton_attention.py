@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qlora_kernels.reference import attention as ref  # noqa: E402
-from qlora_kernels.triton import flash_attention  # noqa: E402
+from qlora_kernels.triton import _common, flash_attention  # noqa: E402
 from qlora_kernels.triton.flash_attention import flash_attention_bwd_triton, flash_attention_fwd_triton  # noqa: E402
 from qlora_kernels.triton.flash_decode import flash_decode_triton  # noqa: E402
 
@@ -403,7 +403,7 @@ def _recorded_tiles(monkeypatch, run):
     position, first key, masked): forward and dQ tiles are [queries, keys], dK/dV's
     [keys, queries]."""
     seen = []
-    scores = flash_attention._scores
+    scores = _common._scores
 
     def record(qk, pos_q, pos_k, *args):
         positions, keys = (np.asarray(t.handle.data) for t in (pos_q, pos_k))
@@ -411,7 +411,9 @@ def _recorded_tiles(monkeypatch, run):
         seen.append((kind, int(positions.min()), int(keys.min()), bool(args[-6])))  # args[-6]: MASK
         return scores(qk, pos_q, pos_k, *args)
 
-    monkeypatch.setattr(flash_attention, "_scores", record)
+    # the forward's loop lives in _common, the backward's in flash_attention: each calls its module's name
+    for module in (_common, flash_attention):
+        monkeypatch.setattr(module, "_scores", record)
     run()
     monkeypatch.undo()
     return seen

@@ -14,6 +14,7 @@ import math
 import torch
 
 from .._native import native, native_error
+from ..ops.attention import bhm_strides, lse_shape, lse_strides
 from .common import dtype_tag
 
 
@@ -36,19 +37,6 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
     return g if g.stride(-1) == 1 or g.size(-1) == 1 else torch.empty(t.shape, dtype=t.dtype)
 
 
-def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, seq) element strides; varlen tensors [T, H, D] have no batch dimension."""
-    return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
-
-
-def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    return (q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:3])
-
-
-def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    return (0, lse.stride(0), lse.stride(1)) if varlen else tuple(lse.stride())
-
-
 def _ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr() if t is not None else 0
 
@@ -63,9 +51,9 @@ def _launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_pad
     else:
         (batch, heads_q, seqlen_q, head_dim), (heads_kv, seqlen_k) = q.shape, k.shape[1:3]
     return dict(
-        q=q.data_ptr(), q_strides=_strides(q, varlen), k=k.data_ptr(), k_strides=_strides(k, varlen),
-        v=v.data_ptr(), v_strides=_strides(v, varlen), out=out.data_ptr(), out_strides=_strides(out, varlen),
-        lse=lse.data_ptr(), lse_strides=_lse_strides(lse, varlen), dtype=dtype_tag(q.dtype), batch=batch,
+        q=q.data_ptr(), q_strides=bhm_strides(q, varlen), k=k.data_ptr(), k_strides=bhm_strides(k, varlen),
+        v=v.data_ptr(), v_strides=bhm_strides(v, varlen), out=out.data_ptr(), out_strides=bhm_strides(out, varlen),
+        lse=lse.data_ptr(), lse_strides=lse_strides(lse, varlen), dtype=dtype_tag(q.dtype), batch=batch,
         heads_q=heads_q, heads_kv=heads_kv, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim,
         softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim),
         causal=bool(causal), window_left=int(window_left), window_right=int(window_right), softcap=float(softcap),
@@ -112,7 +100,7 @@ def flash_attention_fwd_cpu(
     side = _side_inputs(alibi_slopes, sinks, key_padding_mask, cu_seqlens, cu_seqlens_k)
     alibi_slopes, sinks, key_padding_mask, cu_seqlens, cu_seqlens_k = side
     out = torch.empty(q.shape, dtype=q.dtype)
-    lse = torch.empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
+    lse = torch.empty(lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
     _native().flash_attention_fwd_cpu(**_launch_args(
         q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens, cu_seqlens_k,
         window_left, window_right, softcap, sinks))
@@ -152,10 +140,10 @@ def flash_attention_bwd_cpu(
     dsinks = torch.empty(q.shape[1], dtype=torch.float32) if sinks is not None else None  # [B|T, Hq, ...]
     varlen = cu_seqlens is not None
     _native().flash_attention_bwd_cpu(
-        dout=dout.data_ptr(), dout_strides=_strides(dout, varlen), dlse=_ptr(dlse),
-        dlse_strides=_lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0), dq=dq.data_ptr(),
-        dq_strides=_strides(dq, varlen), dk=dk.data_ptr(), dk_strides=_strides(dk, varlen), dv=dv.data_ptr(),
-        dv_strides=_strides(dv, varlen), dsinks=_ptr(dsinks),
+        dout=dout.data_ptr(), dout_strides=bhm_strides(dout, varlen), dlse=_ptr(dlse),
+        dlse_strides=lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0), dq=dq.data_ptr(),
+        dq_strides=bhm_strides(dq, varlen), dk=dk.data_ptr(), dk_strides=bhm_strides(dk, varlen), dv=dv.data_ptr(),
+        dv_strides=bhm_strides(dv, varlen), dsinks=_ptr(dsinks),
         **_launch_args(q, k, v, out, lse, causal, softmax_scale, alibi_slopes, key_padding_mask, cu_seqlens,
                        cu_seqlens_k, window_left, window_right, softcap, sinks))
     return dq, dk, dv, dsinks

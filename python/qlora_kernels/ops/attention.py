@@ -273,3 +273,23 @@ def _backward(ctx, dout, dlse):
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The op's tensor layouts, as the kernels read them: q / k / v / out and their gradients are
+# dense [B, H, S, D] or varlen [T, H, D] (no batch dimension: stride 0); lse and dlse are
+# [B, Hq, Sq] or varlen [Hq, T].
+
+
+def bhm_strides(t: Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, sequence) element strides of q, k, v, out or a gradient of theirs."""
+    return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def lse_shape(q: Tensor, varlen: bool) -> tuple[int, ...]:
+    """The shape of lse for queries q."""
+    return (q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:3])
+
+
+def lse_strides(lse: Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, sequence) element strides of lse or dlse."""
+    return (0, lse.stride(0), lse.stride(1)) if varlen else (lse.stride(0), lse.stride(1), lse.stride(2))

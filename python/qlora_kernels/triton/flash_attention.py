@@ -43,14 +43,14 @@ ends) are masked.
 
 Layout: kernels take batch, head and sequence strides, so `.transpose(1, 2)` views are
 read in place; the head dim must be unit-stride (vectorized loads), and a tensor with
-another last stride is copied. Varlen tensors are [T, H, D] with a zero batch stride:
-each program finds its sequence's first query row in cu_seqlens and first key row in
-cu_seqlens_k. Head dims up to 256 are padded to BLOCK_D (a power of two, >= 16) with masks.
+another last stride is copied (strides as `ops.attention.bhm_strides` / `lse_strides` give
+them). Varlen tensors are [T, H, D] with a zero batch stride: each program finds its
+sequence's first query row in cu_seqlens and first key row in cu_seqlens_k. Head dims up
+to 256 are padded to BLOCK_D (a power of two, >= 16) with masks.
 
-Interpreter (TRITON_INTERPRET=1): its `tl.dot` gives wrong results on bf16 operands and
-its fp32 -> bf16 cast truncates, so under the `INTERPRET` constexpr (set by the launcher)
-dot operands are upcast to fp32 (exact for fp16/bf16 values) and casts round to nearest
-even via `nf4_dequant._cast_rn`, which is what the GPU does.
+Interpreter (TRITON_INTERPRET=1): under the `INTERPRET` constexpr (set by the launcher)
+`_common`'s dots and casts give the GPU's results (see there). The score and forward-loop
+helpers live in `_common` too, shared with the decode kernel (`flash_decode`).
 """
 
 from __future__ import annotations
@@ -61,14 +61,23 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-from qlora_kernels.triton.nf4_dequant import _cast_rn
+from qlora_kernels.ops.attention import bhm_strides, lse_shape, lse_strides
+from qlora_kernels.triton._common import (
+    LN2,
+    LOG2E,
+    _cast,
+    _dot,
+    _fwd_inner,
+    _interpreting,
+    _load_rows,
+    _load_rows_t,
+    _scores,
+    _sequence,
+    _unit_last,
+)
 
 __all__ = ["flash_attention_fwd_triton", "flash_attention_bwd_triton"]
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 class _Config(NamedTuple):
@@ -111,52 +120,6 @@ _INTERPRETER_CONFIGS = {"fwd": _Config(32, 16, 1, 1), "dkdv": _Config(16, 32, 1,
 
 
 @triton.jit
-def _dot(a, b, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32-accumulated a @ b (see module doc for the interpreter upcast)."""
-    if INTERPRET:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """x -> dtype, rounding to nearest even like the GPU does, also under the interpreter."""
-    if INTERPRET:
-        y = _cast_rn(x, dtype, False)
-    else:
-        y = x.to(dtype)
-    return y
-
-
-@triton.jit
-def _tanh(x):
-    # through exp2 (one ex2.approx on NVIDIA): libdevice's tanh does not run under the
-    # interpreter. exp2(-2|x| log2 e) stays in (0, 1], so nothing overflows; the fast
-    # division (2 ulp) has no slow path, whose call frame would cost local memory.
-    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
-    y = tl.fdiv(1.0 - t, 1.0 + t)
-    return tl.where(x < 0, -y, y)
-
-
-@triton.jit
-def _load_rows(base, rows, stride_row, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[len(rows), BLOCK_D] tile; rows past `seqlen` and columns past HEAD_DIM read 0."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_rows_t(base, rows, stride_row, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The transposed tile, [BLOCK_D, len(rows)], ready as the right operand of a dot."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_d < HEAD_DIM)[:, None] & (rows < seqlen)[None, :]
-    return tl.load(base + offs_d[:, None] + rows[None, :] * stride_row, mask=mask, other=0.0)
-
-
-@triton.jit
 def _store_rows(base, tile, rows, stride_row, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 INTERPRET: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
@@ -170,55 +133,6 @@ def _load_lse2(lse_base, rows, stride_lm, seqlen_q):
     """Base-2 lse for P = exp2(s - lse2); empty rows and rows past the end give +inf, so P = 0."""
     lse = tl.load(lse_base + rows * stride_lm, mask=rows < seqlen_q, other=float("-inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-
-
-@triton.jit
-def _sequence(cu_seqlens, cu_seqlens_k, seq, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
-    """(first query row, first key row, seqlen_q, seqlen_k) of sequence `seq`; dense
-    tensors start at row 0."""
-    if IS_VARLEN:
-        start_q = tl.load(cu_seqlens + seq).to(tl.int64)
-        seqlen_q = (tl.load(cu_seqlens + seq + 1).to(tl.int64) - start_q).to(tl.int32)
-        start_k = tl.load(cu_seqlens_k + seq).to(tl.int64)
-        seqlen_k = (tl.load(cu_seqlens_k + seq + 1).to(tl.int64) - start_k).to(tl.int32)
-    else:
-        start_q = tl.zeros([], dtype=tl.int64)
-        start_k = tl.zeros([], dtype=tl.int64)
-    return start_q, start_k, seqlen_q, seqlen_k
-
-
-@triton.jit
-def _scores(qk, pos_q, pos_k, seqlen_k, qk_scale, softcap2, slope2, window_left, window_right, mask_base,
-            stride_mn, MASK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-            HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr):
-    """(base-2 scores, softcap's tanh) from raw q.k: scale (and cap), ALiBi, then -inf
-    where a key may not be seen. The tanh is what the backward's dS needs (q.k without
-    softcap, unused).
-
-    `pos_q` (query positions, i + Sk - Sq) and `pos_k` (key indices) broadcast against
-    `qk`, so the same code serves [queries, keys] and transposed [keys, queries] tiles.
-    MASK adds the window (causal: right = 0) and sequence-end masks; blocks every row sees
-    entirely skip them.
-    """
-    if SOFTCAP:
-        t = _tanh(qk * qk_scale)
-        s = t * softcap2
-    else:
-        t = qk
-        s = qk * qk_scale
-    if HAS_ALIBI:
-        s -= slope2 * tl.abs(pos_k - pos_q).to(tl.float32)
-    if MASK:
-        keep = pos_k < seqlen_k
-        if RIGHT:
-            keep = keep & (pos_k <= pos_q + window_right)
-        if LEFT:
-            keep = keep & (pos_k >= pos_q - window_left)
-        s = tl.where(keep, s, float("-inf"))
-    if HAS_KPM:
-        attend = tl.load(mask_base + pos_k * stride_mn, mask=pos_k < seqlen_k, other=0)
-        s = tl.where(attend != 0, s, float("-inf"))
-    return s, t
 
 
 @triton.jit
@@ -272,30 +186,6 @@ def _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right, LEFT: t
         seen_to = start_n + window_left - diag + 1  # rows before it see the block's first key
         unmasked_hi = tl.where(seen_to >= seqlen_q, seqlen_q, tl.maximum(seen_to, 0) // BLOCK_M * BLOCK_M)
     return _clamp_stages(lo, unmasked_lo, unmasked_hi, hi)
-
-
-@triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn, lo, hi,
-               pos_q, seqlen_k, qk_scale, softcap2, slope2, window_left, window_right,
-               MASK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k_t = _load_rows_t(k_base, cols, stride_kn, seqlen_k, HEAD_DIM, BLOCK_D)
-        s, _ = _scores(_dot(q, k_t, INPUT_PRECISION, INTERPRET), pos_q[:, None], cols[None, :], seqlen_k,
-                       qk_scale, softcap2, slope2, window_left, window_right, mask_base, stride_mn,
-                       MASK, LEFT, RIGHT, SOFTCAP, HAS_ALIBI, HAS_KPM)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, cols, stride_vn, seqlen_k, HEAD_DIM, BLOCK_D)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERPRET), v, INPUT_PRECISION, INTERPRET)
-        m_i = m_new
-    return acc, m_i, l_i
 
 
 @triton.jit
@@ -565,11 +455,6 @@ def _bwd_dq_kernel(
                 stride_dqm, seqlen_q, HEAD_DIM, BLOCK_D, INTERPRET)
 
 
-def _interpreting() -> bool:
-    # triton.jit picks the interpreter when the kernel is defined, so ask the kernel
-    return not isinstance(_fwd_kernel, JITFunction)
-
-
 def _config(kind: str, block_d: int, dtype: torch.dtype, softcap: bool = False) -> _Config:
     if _interpreting():
         return _INTERPRETER_CONFIGS[kind]
@@ -578,24 +463,6 @@ def _config(kind: str, block_d: int, dtype: torch.dtype, softcap: bool = False) 
     if softcap and kind == "dkdv" and block_d in _SOFTCAP_DKDV_CONFIGS[fp32]:
         return _SOFTCAP_DKDV_CONFIGS[fp32][block_d]
     return (_FP32_CONFIGS if fp32 else _CONFIGS)[kind][block_d]
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    # the kernels assume a unit head-dim stride (vector loads); HF's transposed views have it
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _bhm_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, sequence) strides; packed varlen tensors [T, H, D] have no batch stride."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    if varlen:  # [Hq, T]
-        return 0, lse.stride(0), lse.stride(1)
-    return lse.stride(0), lse.stride(1), lse.stride(2)
 
 
 def _longest(cu_seqlens: torch.Tensor) -> int:
@@ -695,18 +562,15 @@ def flash_attention_fwd_triton(
                   max_seqlen_k, window_left, window_right, softcap, sinks)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if pb.varlen:
-        lse = torch.empty((pb.heads_q, q.shape[0]), dtype=torch.float32, device=q.device)
-    else:
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse = torch.empty(lse_shape(q, pb.varlen), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     cfg = _config("fwd", pb.flags["BLOCK_D"], q.dtype)
     grid = (triton.cdiv(pb.seqlen_q, cfg.BLOCK_M), pb.heads_q, pb.num_seqs)
     _fwd_kernel[grid](
         q, k, v, out, lse, pb.slopes, pb.key_mask, pb.sinks, pb.cu_seqlens, pb.cu_seqlens_k,
-        *_bhm_strides(q, pb.varlen), *_bhm_strides(k, pb.varlen), *_bhm_strides(v, pb.varlen),
-        *_bhm_strides(out, pb.varlen), *_lse_strides(lse, pb.varlen), *pb.mask_strides,
+        *bhm_strides(q, pb.varlen), *bhm_strides(k, pb.varlen), *bhm_strides(v, pb.varlen),
+        *bhm_strides(out, pb.varlen), *lse_strides(lse, pb.varlen), *pb.mask_strides,
         pb.seqlen_q, pb.seqlen_k, pb.group, pb.qk_scale, pb.softcap2, *pb.window,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HAS_SINKS=sinks is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pb.flags,
@@ -752,16 +616,16 @@ def flash_attention_bwd_triton(
     delta = torch.empty_like(lse)
     sink_term = torch.empty_like(lse) if sinks is not None else lse
     dlse = lse if dlse is None else dlse.to(torch.float32).contiguous()
-    lse_strides = _lse_strides(lse, pb.varlen)
-    qkv_strides = (*_bhm_strides(q, pb.varlen), *_bhm_strides(k, pb.varlen), *_bhm_strides(v, pb.varlen))
-    do_strides = _bhm_strides(dout, pb.varlen)
+    lse_layout = lse_strides(lse, pb.varlen)
+    qkv_strides = (*bhm_strides(q, pb.varlen), *bhm_strides(k, pb.varlen), *bhm_strides(v, pb.varlen))
+    do_strides = bhm_strides(dout, pb.varlen)
     flags = pb.flags
     scalars = (pb.seqlen_q, pb.seqlen_k, pb.group, pb.qk_scale, pb.softcap2, pb.scale, *pb.window)
 
     pre = _config("dq", flags["BLOCK_D"], q.dtype)
     _bwd_preprocess_kernel[(triton.cdiv(pb.seqlen_q, pre.BLOCK_M), pb.heads_q, pb.num_seqs)](
-        out, dout, dlse, lse, pb.sinks, delta, sink_term, pb.cu_seqlens, *_bhm_strides(out, pb.varlen), *do_strides,
-        *lse_strides, pb.seqlen_q,
+        out, dout, dlse, lse, pb.sinks, delta, sink_term, pb.cu_seqlens, *bhm_strides(out, pb.varlen), *do_strides,
+        *lse_layout, pb.seqlen_q,
         HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre.BLOCK_M, HAS_DLSE=dlse is not lse,
         HAS_SINKS=sinks is not None, IS_VARLEN=pb.varlen, num_warps=4,
     )
@@ -772,14 +636,14 @@ def flash_attention_bwd_triton(
         cfg = _config("dkdv", flags["BLOCK_D"], q.dtype, flags["SOFTCAP"])
         _bwd_dkdv_kernel[(triton.cdiv(pb.seqlen_k, cfg.BLOCK_N), pb.heads_q // pb.group, pb.num_seqs)](
             q, k, v, dout, dk, dv, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens, pb.cu_seqlens_k,
-            *qkv_strides, *do_strides, *_bhm_strides(dk, pb.varlen), *_bhm_strides(dv, pb.varlen),
-            *lse_strides, *pb.mask_strides, *scalars,
+            *qkv_strides, *do_strides, *bhm_strides(dk, pb.varlen), *bhm_strides(dv, pb.varlen),
+            *lse_layout, *pb.mask_strides, *scalars,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
         )
     cfg = _config("dq", flags["BLOCK_D"], q.dtype)
     _bwd_dq_kernel[(triton.cdiv(pb.seqlen_q, cfg.BLOCK_M), pb.heads_q, pb.num_seqs)](
         q, k, v, dout, dq, lse, delta, pb.slopes, pb.key_mask, pb.cu_seqlens, pb.cu_seqlens_k,
-        *qkv_strides, *do_strides, *_bhm_strides(dq, pb.varlen), *lse_strides, *pb.mask_strides, *scalars,
+        *qkv_strides, *do_strides, *bhm_strides(dq, pb.varlen), *lse_layout, *pb.mask_strides, *scalars,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
     return dq, dk, dv, dsinks

@@ -21,14 +21,13 @@ sequence's offsets. Forward only.
   some query row can see; keys before are never read, so a windowed layer streams W + Sq
   keys, not the cache. window_right cannot cut anything under the causal mask (it bounds
   j <= r + right with right >= 0).
-* ALiBi: the kernel adds slope * (j - r), which equals the reference's symmetric
-  -slope * |j - r| on every key the causal mask keeps.
+* ALiBi: the reference's symmetric -slope * |j - r|, as in the prefill kernel.
 * Sinks enter once, in the combine: the sink's exp(sink) joins the sum of the splits'
   exp(lse), so lse includes it and a row with no key gets out 0 and lse = sink.
 
 Numerics (base-2 online softmax, fp32 accumulation, interpreter handling) are those of
-`flash_attention`, whose helpers this reuses; partials are kept in fp32 and rounded once,
-in the combine.
+`flash_attention`: a split runs the same scores and online-softmax loop (`_common`), with
+every block masked. Partials are kept in fp32 and rounded once, in the combine.
 """
 
 from __future__ import annotations
@@ -39,17 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qlora_kernels.triton.flash_attention import (
-    LN2,
-    LOG2E,
-    _cast,
-    _dot,
-    _interpreting,
-    _load_rows,
-    _load_rows_t,
-    _tanh,
-    _unit_last,
-)
+from qlora_kernels.ops.attention import bhm_strides, lse_shape
+from qlora_kernels.triton._common import LN2, LOG2E, _cast, _fwd_inner, _interpreting, _sequence, _unit_last
 
 __all__ = ["flash_decode_triton"]
 
@@ -71,15 +61,8 @@ def _decode_split_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     seq = (tl.program_id(2) // heads_kv).to(tl.int64)
     kv_head = (tl.program_id(2) % heads_kv).to(tl.int64)
-    if IS_VARLEN:
-        # packed [T, H, D] with zero batch strides; seqlen_q / seqlen_k arrive as the longest ones
-        q_start = tl.load(cu_seqlens + seq).to(tl.int64)
-        seqlen_q = (tl.load(cu_seqlens + seq + 1) - q_start).to(tl.int32)
-        k_start = tl.load(cu_seqlens_k + seq).to(tl.int64)
-        seqlen_k = (tl.load(cu_seqlens_k + seq + 1) - k_start).to(tl.int32)
-    else:
-        q_start = tl.zeros([], dtype=tl.int64)
-        k_start = tl.zeros([], dtype=tl.int64)
+    # varlen: packed [T, H, D] with zero batch strides; seqlen_q / seqlen_k arrive as the longest ones
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(cu_seqlens, cu_seqlens_k, seq, seqlen_q, seqlen_k, IS_VARLEN)
     if tl.program_id(1) * BLOCK_M >= group * seqlen_q:
         return
     # row r is query r % Sq of q head kv_head * group + r // Sq
@@ -90,9 +73,7 @@ def _decode_split_kernel(
     q_base = Q + seq * stride_qb + q_start * stride_qm
     q_ptrs = q_base + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    pos_q = (qi + (seqlen_k - seqlen_q))[:, None]
-    # the first key each row may see; without a window the launcher passes window_left = Sk
-    first_k = pos_q - window_left
+    pos_q = qi + (seqlen_k - seqlen_q)
     slope2 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     if HAS_ALIBI:
         slope2 = (tl.load(Slopes + head, mask=row_ok, other=0.0) * LOG2E)[:, None]
@@ -107,33 +88,13 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    # `hi` bounds the loads, so keys of the next split are never read; positions use the
-    # real seqlen_k. Decode is bandwidth-bound, so every block is simply masked.
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        s = _dot(q, _load_rows_t(k_base, cols, stride_kn, hi, HEAD_DIM, BLOCK_D), INPUT_PRECISION, INTERPRET)
-        if HAS_SOFTCAP:
-            # qk_scale = scale / softcap and softcap2 = softcap * log2(e): the cap acts on the
-            # natural-log score, then the result moves to base 2
-            s = softcap2 * _tanh(s * qk_scale)
-        else:
-            s = s * qk_scale
-        if HAS_ALIBI:
-            s += slope2 * (cols[None, :] - pos_q).to(tl.float32)
-        keep = (cols[None, :] < hi) & (cols[None, :] <= pos_q) & (cols[None, :] >= first_k)
-        if HAS_KPM:
-            attend = tl.load(mask_base + cols * stride_mn, mask=cols < hi, other=0)
-            keep = keep & (attend != 0)[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, cols, stride_vn, hi, HEAD_DIM, BLOCK_D)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERPRET), v, INPUT_PRECISION, INTERPRET)
-        m_i = m_new
+    # The prefill kernel's loop with the split's end `hi` as the sequence end, so keys of the
+    # next split are never read; positions use the real seqlen_k. Every block is masked
+    # (decode is bandwidth-bound): keys j with r - window_left <= j <= r (causal, right 0),
+    # where the launcher passes window_left = Sk without a window.
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mn, lo, hi,
+                               pos_q, hi, qk_scale, softcap2, slope2, window_left, 0, True, True, True, HAS_SOFTCAP,
+                               HAS_ALIBI, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, INTERPRET)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -225,22 +186,16 @@ def flash_decode_triton(
         if cu_seqlens_k is None:
             cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
         B, Sq, Sk = cu_seqlens.numel() - 1, int(max_seqlen), int(max_seqlen_k)
-        lse_shape = (Hq, q.shape[0])
     else:
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
-        lse_shape = (B, Hq, Sq)
     device = q.device
     sink_lse = None if sinks is None else sinks.to(device=device, dtype=torch.float32).contiguous()
     if q.numel() == 0 or Sk == 0 or k.numel() == 0:  # no keys: every row is empty
-        lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=device) if sink_lse is None
-               else sink_lse.view(Hq, 1).expand(lse_shape).contiguous())
+        lse = (torch.full(lse_shape(q, varlen), -math.inf, dtype=torch.float32, device=device) if sink_lse is None
+               else sink_lse.view(Hq, 1).expand(lse_shape(q, varlen)).contiguous())
         return torch.zeros(q.shape, dtype=q.dtype, device=device), lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    # the copies' strides: a head dim that was not unit-stride has been made contiguous
-    if varlen:
-        qkv_strides = tuple(s for t in (q, k, v) for s in (0, t.stride(1), t.stride(0)))
-    else:
-        qkv_strides = tuple(s for t in (q, k, v) for s in t.stride()[:3])
+    qkv_strides = (*bhm_strides(q, varlen), *bhm_strides(k, varlen), *bhm_strides(v, varlen))
     group = Hq // Hkv
     slopes = q if alibi_slopes is None else alibi_slopes.to(device=device, dtype=torch.float32).contiguous()
     # bool and uint8 share a byte, so the mask is read in place
@@ -270,7 +225,7 @@ def flash_decode_triton(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     qk_scale = scale / softcap if softcap > 0 else scale * math.log2(math.e)
     out = torch.empty(q.shape, dtype=q.dtype, device=device)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
+    lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=device)
     out_part = torch.empty((q.numel() // D, num_splits, D), dtype=torch.float32, device=device)
     lse_part = torch.empty((q.numel() // D, num_splits), dtype=torch.float32, device=device)
     offsets = (cu_seqlens, cu_seqlens_k) if varlen else (q, q)
