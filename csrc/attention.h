@@ -83,8 +83,5 @@ void flash_attention_bwd_cpu(const AttentionArgs& args, const AttentionGrads& gr
 // Diagnostics for tests and benchmarks. The number of (query block, key block) tile steps run
 // since the module loaded: it shows which work a call skips.
 int64_t flash_attention_cpu_tile_steps();
-// Runs the tile steps on the baseline ISA even where AVX2 + FMA is present (true), or picks by
-// CPU (false); returns the previous setting. Lets one machine test both code paths.
-bool flash_attention_cpu_force_baseline(bool force);
 
 }  // namespace qk

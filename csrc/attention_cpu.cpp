@@ -3,7 +3,7 @@
 //
 // All math is fp32 on tiles converted from the input dtype. The per-tile work (GEMMs, masking,
 // softmax) is written once with GCC vector extensions and compiled twice: for AVX2 + FMA and
-// for the baseline ISA, picked at load time, so one wheel runs on any x86-64.
+// for the baseline ISA, picked at load time (cpu_isa.h), so one wheel runs on any x86-64.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "cpu_isa.h"
 #include "float_convert.h"
 #include "parallel.h"
 
@@ -301,25 +302,23 @@ void backward_step_baseline(const BackwardTile& t) { backward_step_impl(t); }
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) void forward_step_avx2(const ForwardTile& t) { forward_step_impl(t); }
 __attribute__((target("avx2,fma"))) void backward_step_avx2(const BackwardTile& t) { backward_step_impl(t); }
-const bool kHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 
 using ForwardStep = void (*)(const ForwardTile&);
 using BackwardStep = void (*)(const BackwardTile&);
 
-std::atomic<bool> force_baseline{false};
 std::atomic<int64_t> tile_steps{0};
 
 ForwardStep forward_step() {
 #if defined(__x86_64__)
-    if (kHasAvx2Fma && !force_baseline.load(std::memory_order_relaxed)) return forward_step_avx2;
+    if (cpu_isa() >= CpuIsa::Avx2Fma) return forward_step_avx2;
 #endif
     return forward_step_baseline;
 }
 
 BackwardStep backward_step() {
 #if defined(__x86_64__)
-    if (kHasAvx2Fma && !force_baseline.load(std::memory_order_relaxed)) return backward_step_avx2;
+    if (cpu_isa() >= CpuIsa::Avx2Fma) return backward_step_avx2;
 #endif
     return backward_step_baseline;
 }
@@ -754,7 +753,5 @@ void flash_attention_bwd_cpu(const AttentionArgs& args, const AttentionGrads& gr
 }
 
 int64_t flash_attention_cpu_tile_steps() { return tile_steps.load(std::memory_order_relaxed); }
-
-bool flash_attention_cpu_force_baseline(bool force) { return force_baseline.exchange(force); }
 
 }  // namespace qk

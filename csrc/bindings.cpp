@@ -7,6 +7,7 @@
 #include <string>
 
 #include "binding_utils.h"
+#include "cpu_isa.h"
 #include "nf4.h"
 
 namespace py = pybind11;
@@ -52,6 +53,8 @@ PYBIND11_MODULE(_C, m) {
         arg("A"), arg("lut"), arg("n"), arg("blocksize"), arg("out"), arg("absmax"), arg("num_threads"), release);
 
     py::dict build;
+    // Read here so that a bad QLORA_KERNELS_CPU_ISA fails the import, not the first kernel call.
+    build["cpu_isa"] = std::string(qk::cpu_isa_name(qk::cpu_isa()));
 #ifdef QK_WITH_CUDA
     build["cuda"] = true;
     build["cuda_archs"] = std::string(QK_CUDA_ARCHS);

@@ -121,7 +121,4 @@ void bind_attention(py::module_& m) {
     m.def("flash_attention_cpu_tile_steps", &qk::flash_attention_cpu_tile_steps,
           "(query block, key block) tile steps the CPU attention kernels ran since load; differences show the "
           "work a call did");
-    m.def("flash_attention_cpu_force_baseline", &qk::flash_attention_cpu_force_baseline, arg("force"),
-          "Run the CPU attention tile steps on the baseline ISA even where AVX2 + FMA is present (True) or pick by "
-          "CPU (False); returns the previous setting");
 }

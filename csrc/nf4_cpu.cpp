@@ -10,6 +10,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cpu_isa.h"
 #include "float_convert.h"
 #include "nf4.h"
 #include "nf4_codebook.h"
@@ -78,9 +79,10 @@ float block_absmax_scalar(const float* x, int64_t len) {
 }
 
 #if defined(__x86_64__)
-// SIMD paths are picked at run time, so one build runs on any x86-64 CPU (scalar otherwise).
-const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
-const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+// SIMD paths are picked at run time (cpu_isa.h), so one build runs on any x86-64 CPU (scalar
+// otherwise).
+bool use_ssse3() { return cpu_isa() >= CpuIsa::Ssse3; }
+bool use_avx2() { return cpu_isa() >= CpuIsa::Avx2Fma; }
 
 __attribute__((target("avx2"))) float block_absmax_avx2(const float* x, int64_t len) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -122,7 +124,7 @@ __attribute__((target("avx2"))) void nf4_codes_avx2(const float* x, int64_t len,
 
 float block_absmax_of(const float* x, int64_t len) {
 #if defined(__x86_64__)
-    if (kHasAvx2) return block_absmax_avx2(x, len);
+    if (use_avx2()) return block_absmax_avx2(x, len);
 #endif
     return block_absmax_scalar(x, len);
 }
@@ -130,7 +132,7 @@ float block_absmax_of(const float* x, int64_t len) {
 template <bool kDivide>
 void nf4_codes(const float* x, int64_t len, float factor, uint8_t* codes) {
 #if defined(__x86_64__)
-    if (kHasAvx2) return nf4_codes_avx2<kDivide>(x, len, factor, codes);
+    if (use_avx2()) return nf4_codes_avx2<kDivide>(x, len, factor, codes);
 #endif
     nf4_codes_scalar<kDivide>(x, len, factor, codes);
 }
@@ -332,12 +334,12 @@ void dequantize_blocks(const uint8_t* packed, const float* absmax, const NestedA
         int64_t done = 0;  // pairs (bytes) already written
 #if defined(__x86_64__)
         if constexpr (std::is_same_v<T, Bf16>) {
-            if (kHasAvx2 && register_table && pairs >= 32) {
+            if (use_avx2() && register_table && pairs >= 32) {
                 done = pairs & ~int64_t{31};
                 dequantize_run_avx2_bf16(src, done, scale, dst);
             }
         }
-        if (kHasSsse3 && pairs - done >= 16) {
+        if (use_ssse3() && pairs - done >= 16) {
             const int64_t run = (pairs - done) & ~int64_t{15};
             if (!register_table) fill_table();
             dequantize_run_ssse3(src + done, run, scale, register_table ? nullptr : table, dst + 2 * done);
