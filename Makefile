@@ -76,8 +76,7 @@ wheel: $(STAMP)
 # editable install: one built module serves several torch releases) is installed next to torch
 # 2.11 and the other lower bounds. TORCH211_TESTS picks the tests.
 TORCH211 := .venv-torch211
-TORCH211_TESTS ?= tests/test_nf4_kernels.py tests/test_nf4_reference.py tests/test_nf4_storage.py \
-	tests/test_nf4_linear.py tests/test_lora_cpu.py tests/test_attention_cpu.py tests/test_native_build.py
+TORCH211_TESTS ?= tests/test_nf4_*.py tests/test_lora_cpu.py tests/test_attention_cpu.py tests/test_native_build.py
 test-torch211: wheel
 	test -x $(TORCH211)/bin/python || $(PYTHON) -m venv $(TORCH211)
 	grep -v '^torch==' requirements-lower.txt > $(TORCH211)/requirements.txt

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -100,11 +99,12 @@ def test_wheel_from_the_sdist_works_in_a_fresh_environment(wheel, tmp_path):
     python = venv / "bin" / "python"
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel])
     # torch and numpy from this environment (installing them would download gigabytes): a path
-    # file puts its site-packages after the fresh one. It is written after the install so pip sees
-    # no qlora-kernels there, and this environment's own path files (its editable install) stay
-    # unread, since Python reads path files only in site directories.
+    # file puts its site-packages directories after the fresh one. It is written after the install
+    # so pip sees no qlora-kernels there, and this environment's own path files (its editable
+    # install) stay unread, since Python reads path files only in site directories.
     site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
-    Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    dependencies = [entry for entry in sys.path if Path(entry).name in ("site-packages", "dist-packages")]
+    Path(site, "dependencies.pth").write_text("".join(f"{entry}\n" for entry in dependencies))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = json.loads(_run([python, "-c", _CHECK], cwd=tmp_path, env=env).splitlines()[-1])
     assert Path(result["package"]).is_relative_to(venv), result
