@@ -233,7 +233,7 @@ def test_lora_dropout_refuses_a_capturing_stream(current_device, monkeypatch):
 def test_triton_dequantize_launches_on_the_inputs_device(current_device, monkeypatch):
     seen = []
     monkeypatch.setattr(glue, "nf4_dequantize_into", _recording(seen, current_device, "out"))
-    packed, absmax = _on_cuda1((64,), (2,), dtype=torch.uint8)
+    (packed,), (absmax,) = _on_cuda1((64,), dtype=torch.uint8), _on_cuda1((2,), dtype=torch.float32)
     assert glue.cuda_nf4_dequantize(packed, absmax, None, None, None, 64, 256, (2, 64), torch.bfloat16) == "out"
     assert seen == [[torch.device("cuda:1")]]
 

@@ -37,7 +37,7 @@ lm_head 128256 × 8192, has 1.05G); activation offsets are int64.
 
 Interpreter (TRITON_INTERPRET=1): its `tl.dot` gives wrong numbers on bf16 inputs, so dot
 operands are upcast to fp32 there (UPCAST_DOT); casts to bf16 go through
-`nf4_dequant._cast_rn`, which rounds to nearest even where the interpreter truncates;
+`_common._cast_rn`, which rounds to nearest even where the interpreter truncates;
 one small tile config replaces autotuning.
 """
 
