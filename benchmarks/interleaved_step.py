@@ -23,6 +23,7 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels import finetune as ft
+from qlora_kernels.finetune.recipe import build_checkpoint, load_model
 
 VARIANTS = {"stock": None, "lora only": dict(attention=False), "attention only": dict(lora=False), "both": {}}
 
@@ -39,12 +40,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = ft.make_batches(1, defaults["batch_size"], defaults["seq_len"], 0)[0][0].to(device, torch.long)
     with tempfile.TemporaryDirectory() as tmp:
-        ft.build_checkpoint(args.model, args.size, defaults["seq_len"], 0, device, Path(tmp))
+        build_checkpoint(args.model, args.size, defaults["seq_len"], 0, device, Path(tmp))
         spec = dict(device=str(device), checkpoint=tmp, seed=0, lr=defaults["lr"],
                     stock_attention="eager" if args.model == "bloom" else "sdpa")
         steps = {}
         for name, options in VARIANTS.items():
-            model, _ = ft.load_model(spec, "stock")
+            model, _ = load_model(spec, "stock")
             if options is not None:
                 qk.patch(model, **options)
             if args.no_dropout:

@@ -223,6 +223,19 @@ def test_finetune_result_tables_are_those_of_their_records():
         assert table == format_table(record["summary"], record["memory_measure"]).splitlines()[:4], target
 
 
+def test_the_interleaved_step_script_the_docs_quote_runs():
+    """docs/limits.md quotes `benchmarks/interleaved_step.py`: it must run against the package
+    as it is (here at the smallest preset, one timed step per variant)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "interleaved_step.py"), "--size", "test",
+                           "--steps", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for variant in ("stock", "lora only", "attention only", "both"):
+        assert re.search(rf"^{variant} +median", done.stdout, re.M), done.stdout
+
+
 # --- nothing outside the repository, no broken link ----------------------------------------
 
 OUTSIDE = re.compile(r"DESIGN\.md|BENCHMARKS\.md|STYLE\.md|\.\./shared|\bshared/|/work/")
