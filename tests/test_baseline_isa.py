@@ -105,3 +105,17 @@ def test_baseline_attention_steps_round_differently(tmp_path):
     widest = flash_attention_fwd_cpu(q, k, v, causal=True, softcap=3.0, alibi_slopes=alibi)[0]
     assert not torch.equal(baseline, widest)
     torch.testing.assert_close(baseline, widest, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_setting_fails_the_package_import_instead_of_falling_back():
+    """A bad setting is the user's to fix: `import qlora_kernels` raises it rather than warning that
+    _C is not built and running the slow reference."""
+    proc = _python("import qlora_kernels", "avx512")
+    assert proc.returncode != 0
+    assert f"{VARIABLE} must be 'auto'" in proc.stderr and "not built" not in proc.stderr
+
+
+def test_backends_reports_the_isa():
+    import qlora_kernels as qk
+
+    assert qk.backends()["cpu_isa"] == native().build_info["cpu_isa"]

@@ -19,6 +19,8 @@ _cuda_kernels_usable: bool | None = None
 # The oldest Linux driver of each CUDA major release. A CUDA runtime runs on any driver of its
 # own major release or newer (minor version compatibility), and on no older one.
 MIN_DRIVER_FOR_CUDA = {11: 450, 12: 525, 13: 580}
+# read by _C when it loads: "auto" (the widest SIMD the CPU has) or "baseline" (none)
+ISA_SWITCH = "QLORA_KERNELS_CPU_ISA"
 
 
 def native() -> ModuleType | None:
@@ -28,6 +30,8 @@ def native() -> ModuleType | None:
         try:
             _module = importlib.import_module("qlora_kernels._C")
         except ImportError as exc:  # a source checkout that was never built
+            if ISA_SWITCH in str(exc):  # built, and refused a setting the user made: not a missing build
+                raise
             _error = f"{type(exc).__name__}: {exc}"
             warnings.warn(
                 "qlora_kernels: the native module _C is not built; using the PyTorch reference "

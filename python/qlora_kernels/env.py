@@ -20,7 +20,8 @@ def _version(dist: str) -> str | None:
 def backends() -> dict:
     """A report: versions, the native build (CUDA archs), the devices and which backend each op uses."""
     mod = native()
-    build = dict(mod.build_info) if mod is not None else {"cuda": False, "cuda_archs": "", "cuda_runtime": ""}
+    build = dict(mod.build_info) if mod is not None else {
+        "cuda": False, "cuda_archs": "", "cuda_runtime": "", "cpu_isa": None}
     cuda_visible = torch.cuda.is_available()
     driver = cuda_driver_version()
     report = {
@@ -35,6 +36,7 @@ def backends() -> dict:
         "native_error": native_error(),
         "cuda_kernels_compiled": build["cuda"],
         "cuda_archs": build["cuda_archs"],
+        "cpu_isa": build["cpu_isa"],
         "cuda_runtime_compiled": build["cuda_runtime"],
         "cuda_driver": None if driver is None else cuda_release(driver),
         # False where the driver is older than the compiled runtime: CUDA ops run Triton kernels
