@@ -109,6 +109,10 @@ def test_side_process_reports_job_failed(tmp_path, monkeypatch):
     (tmp_path / "spec.json").write_text(json.dumps(_side_spec(tmp_path, log_level=logging.INFO)))
     monkeypatch.setattr(job, "train_side", train_side)
     monkeypatch.setattr(sys, "argv", ["-c", str(tmp_path / "spec.json"), "patched", str(tmp_path / "result.json")])
+    # the worker configures the logger of the process it owns: here that is pytest's, so undo it after
+    logger = logging.getLogger("qlora_kernels")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "level", logger.level)
     job._worker()
     assert json.loads((tmp_path / "result.json").read_text()) == {
         "error": "patched: loss is nan at step 0",
