@@ -49,8 +49,8 @@ def lora_linear(
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
         raise ValueError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
-    if isinstance(weight, torch.nn.Module) and hasattr(weight, "nf4_weight"):
-        weight = weight.nf4_weight
+    if isinstance(weight, torch.nn.Module):
+        weight = getattr(weight, "nf4_weight", weight)
     if isinstance(weight, tuple) and len(weight) == 2 and isinstance(weight[1], NF4QuantState):
         weight = NF4Weight(*weight)
     if isinstance(weight, NF4Weight):
