@@ -139,6 +139,11 @@ def _json(text):
                '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1}'), "mismatched"),
         (_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [64, 128]}'), "dtype"),
         (_json('[1, 2]'), "not an object"),
+        (_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": "64x128"}'), "must be a list"),
+        (_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 128.0], '
+               '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1}'), "sequence of ints"),
+        (_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [-64, -128], '
+               '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1}'), "negative size"),
         (_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 128], '
                '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": NaN}'), "finite"),
         (_json('{"__class__": "os.system", "quant_type": "nf4"}'), "blocksize"),

@@ -72,6 +72,8 @@ def _field(meta: dict, key: str, kind, where: str):
         raise _fail(where, f"quant_state {key!r} must be an integer, got {value!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
         raise _fail(where, f"quant_state {key!r} must be a finite number, got {value!r}")
+    if kind is list and not isinstance(value, list):
+        raise _fail(where, f"quant_state {key!r} must be a list, got {value!r}")
     if kind is str and not isinstance(value, str):
         raise _fail(where, f"quant_state {key!r} must be a string, got {value!r}")
     return value
@@ -98,14 +100,12 @@ def state_from_dict(entries: Mapping[str, torch.Tensor], where: str = "weight") 
     dtype = _NAME_DTYPES.get(_field(meta, "dtype", str, where))
     if dtype not in FLOAT_DTYPES:
         raise _fail(where, f"dtype {meta['dtype']!r} is not one of {sorted(_NAME_DTYPES)}")
-    shape = meta.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise _fail(where, f"shape must be a list of non-negative integers, got {shape!r}")
     code = _entry(entries, "quant_map", where)
     # read on the host: a wrong table on a GPU would otherwise surface as a device-side assert
     if code.dtype != torch.float32 or not torch.equal(code.detach().cpu().reshape(-1), reference.nf4_code()):
         raise _fail(where, "quant_map is not the NF4 codebook")
-    fields = dict(shape=torch.Size(shape), dtype=dtype, blocksize=blocksize, code=code,
+    # the shape, like every size below, is checked by the state's constructor
+    fields = dict(shape=_field(meta, "shape", list, where), dtype=dtype, blocksize=blocksize, code=code,
                   absmax=_entry(entries, "absmax", where))
     if "nested_absmax" in entries or "nested_offset" in meta:
         if _field(meta, "nested_dtype", str, where) != "float32":
