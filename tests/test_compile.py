@@ -41,3 +41,20 @@ def test_lora_linear_compiles_fullgraph_fwd_bwd_dense_and_nf4():
         want = torch.autograd.grad(loss(x, A, B), (x, A, B))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+
+
+def test_nf4_linear_compiles_fullgraph_fwd_bwd():
+    """NF4Linear's op pair traced whole at decode and prefill sizes (M = 1 on the GEMV, 21 on the tiles)."""
+    torch.manual_seed(0)
+    layer = qk.NF4Linear.from_linear(torch.nn.Linear(64, 48), compute_dtype=torch.float32)
+    for shape in ((1, 64), (3, 7, 64)):
+        x = torch.randn(shape, requires_grad=True)
+
+        def loss(x):
+            return layer(x).square().sum()
+
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        got = torch.autograd.grad(compiled(x), (x, layer.bias))
+        want = torch.autograd.grad(loss(x), (x, layer.bias))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)

@@ -342,3 +342,80 @@ def test_gemv_with_an_fp32_strided_bias_and_bf16_x():
     want = R.lora.lora_linear(x.double(), W.double(), bias.double(), A.double(), B.double(), 2.0)
     stock = R.lora.lora_linear(x, W.to(torch.bfloat16), bias.to(torch.bfloat16), A, B, 2.0)
     assert (y.double() - want).abs().max() <= 2 * (stock.double() - want).abs().max() + 1e-3
+
+
+# ---- the NF4 linear (NF4Linear's op): GEMV at rank 0 for a few tokens, dequantize-once above ----
+
+def _nf4_linear_args(N=40, K=128, double_quant=True):
+    w = torch.randn(N, K)
+    packed, absmax = R.nf4_quantize_blocks(w, 64)
+    if not double_quant:
+        return NF4Weight(packed, NF4QuantState(absmax, (N, K), torch.float32, 64))
+    offset = absmax.mean()
+    absmax_q, nested = R.quantize_blockwise_8bit(absmax - offset, R.dynamic_code(), 256)
+    return NF4Weight(packed, NF4QuantState(absmax_q, (N, K), torch.float32, 64, offset=offset,
+                                           nested_absmax=nested, nested_code=R.dynamic_code()))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_linear_glue_dequantizes_once_into_the_workspace(double_quant):
+    """Where the GEMV does not apply: W dequantized by Triton (interpreter) into the device's
+    workspace, reused by the next call, and cuBLAS's (here torch's) product."""
+    from qlora_kernels.backends import lora_dequant_mm
+
+    state = _nf4_linear_args(double_quant=double_quant)
+    N, K = state.shape
+    x, dy, bias = torch.randn(20, K), torch.randn(20, N), torch.randn(N)
+    W = state.dequantize_reference(torch.float32)
+    y = glue.cuda_nf4_linear(x, *state.op_args(), N, bias)
+    torch.testing.assert_close(y, x @ W.t() + bias, atol=1e-4, rtol=1e-4)
+    buffer = lora_dequant_mm.workspace(x.device).buffer.data_ptr()
+    dx = glue.cuda_nf4_linear_bwd(dy, *state.op_args(), K)
+    torch.testing.assert_close(dx, dy @ W, atol=1e-4, rtol=1e-4)
+    assert lora_dequant_mm.workspace(x.device).buffer.data_ptr() == buffer
+
+
+@pytest.mark.parametrize("gemv", [True, False])
+def test_nf4_linear_glue_takes_the_gemv_where_it_applies(gemv, monkeypatch):
+    """The GEMV (rank 0: no xa, no lora_B) exactly where `_gemv_applies` says, the workspace path
+    otherwise; the predicate itself is the LoRA forward's, tested on a GPU."""
+    calls = []
+    monkeypatch.setattr(glue, "_gemv_applies", lambda x, state, dropout_p: gemv and dropout_p == 0.0)
+    monkeypatch.setattr(glue, "lora_gemv_cuda", lambda *args: calls.append(("gemv", args[2:])) or "gemv")
+    monkeypatch.setattr(glue, "nf4_linear_dequant_mm", lambda x, state, bias: calls.append(("dequant", ())) or "mm")
+    state = _nf4_linear_args()
+    bias = torch.randn(40)
+    out = glue.cuda_nf4_linear(torch.randn(3, 128), *state.op_args(), 40, bias)
+    assert out == ("gemv" if gemv else "mm")
+    assert calls == ([("gemv", (bias, None, None, 0.0))] if gemv else [("dequant", ())])
+
+
+def test_nf4_linear_launches_on_the_inputs_device(current_device, monkeypatch):
+    seen = []
+    monkeypatch.setattr(glue, "_gemv_applies", lambda *args: False)
+    monkeypatch.setattr(glue, "nf4_linear_dequant_mm", _recording(seen, current_device, "y"))
+    monkeypatch.setattr(glue, "nf4_linear_dx_dequant_mm", _recording(seen, current_device, "dx"))
+    monkeypatch.setattr(glue, "nf4_dequantize_into", _recording(seen, current_device, "out"))
+    x, dy = _on_cuda1((4, 64), (4, 32))
+    (packed,), (absmax,) = _on_cuda1((1024,), dtype=torch.uint8), _on_cuda1((32,), dtype=torch.float32)
+    (out,) = _on_cuda1((32, 64))
+    assert glue.cuda_nf4_linear(x, packed, absmax, None, None, None, 64, 256, 32, None) == "y"
+    assert glue.cuda_nf4_linear_bwd(dy, packed, absmax, None, None, None, 64, 256, 64) == "dx"
+    assert glue.cuda_nf4_dequantize_out(packed, absmax, None, None, None, 64, 256, [32, 64], out) is None
+    assert seen == [[torch.device("cuda:1")]] * 3
+
+
+def test_gemv_rank_zero_passes_no_adapter(monkeypatch):
+    launched = {}
+
+    def lora_gemv_nf4_cuda(x, dtype, M, K, packed, absmax, absmax_q, nested_absmax, nested_code, offset,
+                           nested_blocksize, blocksize, N, bias, xa, lora_B, rank, scaling, y, stream):
+        launched.update(xa=xa, lora_B=lora_B, rank=rank, bias=bias != 0)
+
+    monkeypatch.setattr(glue, "_C", SimpleNamespace(lora_gemv_nf4_cuda=lora_gemv_nf4_cuda))
+    monkeypatch.setattr(glue, "_stream", lambda device: 0)
+    state = _nf4_linear_args(24, 64)
+    y = glue.lora_gemv_cuda(torch.randn(2, 64), state, torch.randn(24), None, None, 0.0)
+    assert launched == {"xa": 0, "lora_B": 0, "rank": 0, "bias": True} and y.shape == (2, 24)
+    with pytest.raises(ValueError, match="pass both xa and lora_B"):
+        glue.lora_gemv_cuda(torch.randn(2, 64), state, None, torch.randn(2, 4), None, 1.0)

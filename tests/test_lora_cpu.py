@@ -222,6 +222,30 @@ def test_forward_never_materializes_the_weight():
     assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
+@pytest.mark.skipif(_C is None, reason="native module not built")
+@pytest.mark.parametrize("Mx", (1, 5))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile_rows", (None, 7))
+def test_nf4_linear_tiles_match_reference(Mx, dtype, tile_rows):
+    """The plain NF4 linear on the tiles (NF4Linear above the GEMV's rows): y = x·Wᵀ + bias and
+    dx = dy·W, as accurate as the same math in plain torch ops in `dtype`; the bias untouched."""
+    nf4 = _nf4((N, K), 64, True)
+    x, dy = torch.randn(Mx, K).to(dtype), torch.randn(Mx, N).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    kept = bias.clone()
+    W = nf4.dequantize_reference(dtype)
+    y = lora_cpu.nf4_linear_cpu(x, nf4, bias, tile_rows=tile_rows)
+    dx = lora_cpu.nf4_linear_dx_cpu(dy, nf4, tile_rows=tile_rows)
+    assert torch.equal(bias, kept)
+    for name, got, exact, plain in (("y", y, x.double() @ W.double().t() + bias.double(),
+                                     torch.nn.functional.linear(x, W, bias)),
+                                    ("dx", dx, dy.double() @ W.double(), dy @ W)):
+        assert got.dtype == dtype and got.shape == exact.shape, name
+        err = (got.double() - exact).abs().max().item()
+        err_plain = (plain.double() - exact).abs().max().item()
+        assert err <= 2 * err_plain + 1e-6 * exact.abs().max().item(), f"{name}: {err:.3g} vs plain {err_plain:.3g}"
+
+
 # ---------------------------------------------------------------------------------------
 # CUDA decode GEMV (runs only on a GPU)
 # ---------------------------------------------------------------------------------------

@@ -67,14 +67,28 @@ def nf4_quantize(
     return packed, state
 
 
-def nf4_dequantize(packed: torch.Tensor, state: NF4QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nf4_dequantize(packed: torch.Tensor, state: NF4QuantState, dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """NF4 -> `state.dtype` (or `dtype`) tensor of `state.shape`.
 
     A `dtype` other than state.dtype is reached the way bitsandbytes does (dequantize to
     state.dtype, then cast) unless state.dtype is fp32, where casting directly is identical.
+    With `out` (contiguous, of state.shape, of that dtype, on the weight's device, sharing no
+    memory with it) the values are written into `out`, which is returned: a caller that
+    dequantizes repeatedly keeps one buffer instead of paying for a fresh one per call (on the
+    CPU, the page faults of a new multi-MB tensor cost more than the kernel).
     """
     weight = NF4Weight(packed, state)
     dtype = dtype or state.dtype
     direct = dtype if state.dtype in (dtype, torch.float32) else state.dtype
-    out = ops.nf4_dequantize(*weight.op_args(), list(state.shape), direct)
-    return out if out.dtype == dtype else out.to(dtype)
+    if out is None:
+        result = ops.nf4_dequantize(*weight.op_args(), list(state.shape), direct)
+        return result if result.dtype == dtype else result.to(dtype)
+    ops.check_dequantize_out(out, state.shape, weight.device)
+    if out.dtype != dtype:
+        raise ValueError(f"out has dtype {out.dtype}, the requested dtype is {dtype} (dtype, else state.dtype)")
+    if direct == dtype:
+        ops.nf4_dequantize_out(*weight.op_args(), list(state.shape), out)
+    else:
+        out.copy_(ops.nf4_dequantize(*weight.op_args(), list(state.shape), direct))
+    return out

@@ -11,6 +11,7 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
+from ..ops import nf4_linear as nf4_linear_ops
 from .common import dtype_tag, dynamic_lut, kernel
 
 _C = native()
@@ -30,14 +31,21 @@ if _C is not None:
         )
         return packed, absmax
 
+    def _dequantize_into(w: NF4Weight, out: torch.Tensor) -> torch.Tensor:
+        _C.nf4_dequantize_cpu(*w.native_pointers(), w.nested_blocksize, out.numel(), w.blocksize, out.data_ptr(),
+                              dtype_tag(out.dtype), torch.get_num_threads())
+        return out
+
     @kernel(ops.nf4_dequantize, "cpu", "C++")
     def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
         w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                                    shape, dtype)
-        out = torch.empty(shape, dtype=dtype)
-        _C.nf4_dequantize_cpu(*w.native_pointers(), nested_blocksize, out.numel(), blocksize, out.data_ptr(),
-                              dtype_tag(dtype), torch.get_num_threads())
-        return out
+        return _dequantize_into(w, torch.empty(shape, dtype=dtype))
+
+    @kernel(ops.nf4_dequantize_out, "cpu", "C++")
+    def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, out):
+        _dequantize_into(ops.dequantize_out_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                                   nested_blocksize, shape, out), out)
 
     @kernel(ops.quantize_blockwise_8bit, "cpu", "C++")
     def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
@@ -74,6 +82,22 @@ if _C is not None:
         return (*attention_ops.grads_like_inputs((q, k, v), (dq, dk, dv)),
                 attention_ops.no_sinks_grad(q) if dsinks is None else dsinks)
 
+
+    @kernel(nf4_linear_ops.nf4_linear, "cpu", "C++ NF4 tiles + torch GEMMs")
+    def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features, bias):
+        from .lora_cpu import nf4_linear_cpu
+
+        state = nf4_linear_ops.nf4_weight(x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                          nested_blocksize, out_features, x.shape[1])
+        return nf4_linear_cpu(x, state, bias)
+
+    @kernel(nf4_linear_ops.nf4_linear_bwd, "cpu", "C++ NF4 tiles + torch GEMMs")
+    def _(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, in_features):
+        from .lora_cpu import nf4_linear_dx_cpu
+
+        state = nf4_linear_ops.nf4_weight(dy, None, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                          nested_blocksize, dy.shape[1], in_features)
+        return nf4_linear_dx_cpu(dy, state)
 
     @kernel(lora_ops.lora_linear_fwd, "cpu", "C++ NF4 tiles + torch GEMMs")
     def _(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,

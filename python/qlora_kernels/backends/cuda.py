@@ -5,6 +5,8 @@ extra), so without it a CUDA dequantize raises ImportError naming it.
 
 LoRA linear by tokens M: the CUDA GEMV for decode (M <= 16), the fused Triton kernels for
 small M, dequantize-once + cuBLAS (lora_dequant_mm.py) from LORA_DEQUANT_ONCE_MIN_TOKENS.
+The NF4 linear (NF4Linear's op) by M: the GEMV at rank 0 (M <= 16), else dequantize-once +
+cuBLAS, whose dequantize is Triton where the CUDA C++ kernels are not usable.
 Every kernel runs with its inputs' device current (`cuda_kernel`)."""
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as ops
+from ..ops import nf4_linear as nf4_linear_ops
 from .common import DTYPE_TAGS, dtype_tag, dynamic_lut, kernel
-from .lora_dequant_mm import lora_backward_dequant_mm, lora_forward_dequant_mm, nf4_dequantize_into
+from .lora_dequant_mm import (
+    lora_backward_dequant_mm,
+    lora_forward_dequant_mm,
+    nf4_dequantize_into,
+    nf4_linear_dequant_mm,
+    nf4_linear_dx_dequant_mm,
+)
 
 _C = native()
 
@@ -89,6 +98,13 @@ def cuda_nf4_dequantize(packed, absmax, nested_absmax, nested_code, offset, bloc
     return nf4_dequantize_into(w, packed.new_empty(tuple(shape), dtype=dtype))
 
 
+@cuda_kernel(ops.nf4_dequantize_out, "CUDA" if has_cuda_kernels() else "Triton")
+def cuda_nf4_dequantize_out(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+                            out):
+    nf4_dequantize_into(ops.dequantize_out_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                                  nested_blocksize, shape, out), out)
+
+
 # Triton kernels are imported on first use: `import qlora_kernels` stays free of triton's
 # start-up cost, and a machine without triton only fails when it runs a CUDA op.
 
@@ -135,7 +151,8 @@ def triton_flash_attention_bwd(dout, dlse, q, k, v, out, lse, causal, softmax_sc
 
 
 def lora_gemv_cuda(x, state: NF4Weight, bias, xa, lora_B, scaling):
-    """Decode (M <= _C.lora_gemv_max_rows): y = x·Wᵀ + bias + scaling·xa·Bᵀ reading the packed W once.
+    """Decode (M <= _C.lora_gemv_max_rows): y = x·Wᵀ + bias + scaling·xa·Bᵀ reading the packed W once;
+    xa and lora_B None: rank 0, the plain NF4 linear.
 
     The kernel reads x, bias and lora_B as x's dtype and xa as fp32: each is converted here, and
     every converted copy stays bound to a name until the launch is enqueued (a temporary freed
@@ -144,22 +161,24 @@ def lora_gemv_cuda(x, state: NF4Weight, bias, xa, lora_B, scaling):
         raise ValueError(f"x must be 2-D fp32/fp16/bf16, got {tuple(x.shape)} {x.dtype}")
     M, K = x.shape
     N = state.shape[0]
-    r = lora_B.shape[-1]
     if state.shape[1] != K:
         raise ValueError(f"the NF4 weight is {list(state.shape)}, x has {K} features")
-    if lora_B.shape != (N, r) or xa.shape != (M, r):
+    if (xa is None) != (lora_B is None):
+        raise ValueError("pass both xa and lora_B (rank r) or neither (rank 0)")
+    r = 0 if lora_B is None else lora_B.shape[-1]
+    if r and (lora_B.shape != (N, r) or xa.shape != (M, r)):
         raise ValueError(f"lora_B must be [{N}, r] and xa [{M}, r], got {tuple(lora_B.shape)} and {tuple(xa.shape)}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
     x = x.contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
-    lora_B = lora_B.to(x.dtype).contiguous()
-    xa = xa.float().contiguous()
+    lora_B = None if lora_B is None else lora_B.to(x.dtype).contiguous()
+    xa = None if xa is None else xa.float().contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _C.lora_gemv_nf4_cuda(
         x.data_ptr(), dtype_tag(x.dtype), M, K, *state.native_pointers(), state.nested_blocksize, state.blocksize, N,
-        0 if bias is None else bias.data_ptr(), xa.data_ptr(), lora_B.data_ptr(), r, float(scaling), y.data_ptr(),
-        _stream(x.device),
+        0 if bias is None else bias.data_ptr(), 0 if xa is None else xa.data_ptr(),
+        0 if lora_B is None else lora_B.data_ptr(), r, float(scaling), y.data_ptr(), _stream(x.device),
     )
     return y
 
@@ -187,8 +206,28 @@ LORA_DEQUANT_ONCE_MIN_TOKENS = 512
 def _gemv_applies(x, state, dropout_p) -> bool:
     # the GEMV needs 16-byte aligned packed bytes; dropout (training) takes the Triton path
     return (state is not None and x.is_cuda and has_cuda_kernels() and dropout_p == 0.0
-            and x.shape[0] <= _C.lora_gemv_max_rows
+            and 1 <= x.shape[0] <= _C.lora_gemv_max_rows
             and state.packed.data_ptr() % 16 == 0)
+
+
+@cuda_kernel(nf4_linear_ops.nf4_linear, "CUDA GEMV (M <= 16), dequantize-once + cuBLAS" if has_cuda_kernels()
+             else "Triton dequantize-once + cuBLAS")
+def cuda_nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
+                    bias):
+    state = nf4_linear_ops.nf4_weight(x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                      nested_blocksize, out_features, x.shape[1])
+    if _gemv_applies(x, state, 0.0):
+        return lora_gemv_cuda(x, state, bias, None, None, 0.0)
+    return nf4_linear_dequant_mm(x, state, bias)
+
+
+@cuda_kernel(nf4_linear_ops.nf4_linear_bwd, "dequantize-once + cuBLAS" if has_cuda_kernels()
+             else "Triton dequantize-once + cuBLAS")
+def cuda_nf4_linear_bwd(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                        in_features):
+    state = nf4_linear_ops.nf4_weight(dy, None, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                      nested_blocksize, dy.shape[1], in_features)
+    return nf4_linear_dx_dequant_mm(dy, state)
 
 
 def _dequant_once_applies(x, weight) -> bool:

@@ -12,7 +12,10 @@ and one rounding of their output; scaling enters inside the GEMMs (addmm alpha),
 over the W tiles in fp32, and the forward's xa and LoRA term are computed in fp32 (as the
 reference does; xa is returned rounded to x's dtype). The backward makes no fp32 copy of dy or x.
 
-Plain functions; the op registration lives with the integrator.
+The plain NF4 linear (`nf4_linear_cpu` / `nf4_linear_dx_cpu`: NF4Linear's op above the GEMV's
+rows) runs the same tiles without the adapter.
+
+Plain functions; backends/cpu.py registers them as the ops' CPU kernels.
 """
 
 from __future__ import annotations
@@ -184,12 +187,44 @@ def lora_backward_cpu(dy2d, x2d, weight, nf4_state, lora_A, lora_B, scaling, kee
     dx = dyb.float() @ lora_A.float()  # fp32 accumulator of dx [M, K]
     if keep is not None:
         dx = dx * keep.to(dx.dtype) / (1.0 - dropout_p)
-    if g == torch.float32:
+    _add_dy_w(dx, dyg, tiles)
+    return dx.to(dtype), dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias.to(dy2d.dtype)
+
+
+def _add_dy_w(dx: torch.Tensor, dyg: torch.Tensor, tiles: _Tiles) -> None:
+    """dx [M, K] (fp32) += dy·W, one GEMM per tile of W's rows."""
+    if tiles.gemm_dtype == torch.float32:
         for s, e, w in tiles:
             dx.addmm_(dyg[:, s:e], w)
     else:
         # bf16 GEMM per tile (fp32 accumulation inside, one rounding), partials summed in fp32
-        partial = torch.empty(M, K, dtype=g)
+        partial = torch.empty(dx.shape, dtype=tiles.gemm_dtype)
         for s, e, w in tiles:
             dx.add_(torch.mm(dyg[:, s:e], w, out=partial))
-    return dx.to(dtype), dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias.to(dy2d.dtype)
+
+
+def nf4_linear_cpu(x2d, nf4_state, bias, *, tile_rows=None):
+    """y = x·Wᵀ + bias [M, N] in x's dtype (the `nf4_linear` op at M above the GEMV's rows), W in
+    tiles of at most `tile_rows` rows in the reused buffer, each tile's GEMM adding into y."""
+    M, N, K = _shapes(x2d, None, nf4_state)
+    tiles = _Tiles(None, nf4_state, N, K, x2d.dtype, tile_rows)
+    g = tiles.gemm_dtype
+    xg = x2d.to(g)
+    y = torch.empty((M, N), dtype=g)
+    if bias is not None:  # it enters each GEMM's epilogue (beta 1), as in F.linear
+        y.copy_(bias)
+    for s, e, w in tiles:
+        y[:, s:e].addmm_(xg, w.t(), beta=0 if bias is None else 1)
+    return y.to(x2d.dtype)
+
+
+def nf4_linear_dx_cpu(dy2d, nf4_state, *, tile_rows=None):
+    """dx = dy·W [M, K] in dy's dtype (the `nf4_linear_bwd` op), tile by tile as `nf4_linear_cpu`,
+    the tiles' products summed in fp32."""
+    N, K = nf4_state.shape
+    if dy2d.dim() != 2 or dy2d.shape[1] != N:
+        raise ValueError(f"dy must be [M, {N}], got {tuple(dy2d.shape)}")
+    tiles = _Tiles(None, nf4_state, N, K, dy2d.dtype, tile_rows)
+    dx = torch.zeros((dy2d.shape[0], K), dtype=torch.float32)
+    _add_dy_w(dx, dy2d.to(tiles.gemm_dtype), tiles)
+    return dx.to(dy2d.dtype)

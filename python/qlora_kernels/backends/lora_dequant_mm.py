@@ -131,6 +131,23 @@ def _base_weight(weight: torch.Tensor | None, nf4_state: NF4Weight | None, x2d: 
             yield w
 
 
+def nf4_linear_dequant_mm(x2d: torch.Tensor, nf4_state: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x·Wᵀ + bias [M, N] in x2d's dtype (the `nf4_linear` op): W dequantized into the
+    workspace, the product on cuBLAS."""
+    if not x2d.shape[0]:
+        return x2d.new_empty((0, nf4_state.shape[0]))
+    with dequantized(nf4_state, x2d.dtype, x2d.device) as w:
+        return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+
+
+def nf4_linear_dx_dequant_mm(dy2d: torch.Tensor, nf4_state: NF4Weight) -> torch.Tensor:
+    """dx = dy·W [M, K] in dy2d's dtype (the `nf4_linear_bwd` op), W from the workspace."""
+    if not dy2d.shape[0]:
+        return dy2d.new_empty((0, nf4_state.shape[1]))
+    with dequantized(nf4_state, dy2d.dtype, dy2d.device) as w:
+        return dy2d @ w
+
+
 def _check(x2d, weight, nf4_state, lora_A, lora_B) -> tuple[int, int, int]:
     if x2d.dim() != 2 or x2d.dtype not in _COMPUTE_DTYPES:
         raise ValueError(f"x2d must be 2-D fp32/fp16/bf16, got {tuple(x2d.shape)} {x2d.dtype}")

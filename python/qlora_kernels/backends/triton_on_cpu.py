@@ -3,9 +3,10 @@
 `QLORA_KERNELS_TRITON_ON_CPU=1` (read once, when the backends are registered at import)
 registers, for CPU tensors, the very functions the CUDA backend registers for GPU tensors:
 the Triton LoRA forward / backward, the Triton flash attention forward / backward (with its
-flash-decoding branch) and the Triton NF4 dequantize, in place of the C++ kernels. Whole
-models then run the GPU code paths (launchers, tiling, masking, the kernels themselves) on a
-machine without a GPU, slowly: it is a test setting. NF4 quantize stays C++ (Triton has no
+flash-decoding branch), the Triton NF4 dequantize (fresh or into `out`) and the NF4 linear's
+dequantize-once path, in place of the C++ kernels. Whole models then run the GPU code paths
+(launchers, tiling, masking, the kernels themselves) on a machine without a GPU, slowly: it is
+a test setting. NF4 quantize stays C++ (Triton has no
 quantize kernel).
 
 Triton compiles for a GPU unless TRITON_INTERPRET=1 was set before triton was imported, so
@@ -21,6 +22,7 @@ from ..nf4_weight import NF4Weight
 from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as nf4_ops
+from ..ops import nf4_linear as nf4_linear_ops
 from . import cuda
 from .common import kernel
 
@@ -55,9 +57,21 @@ def nf4_dequantize_triton_cpu(packed, absmax, nested_absmax, nested_code, offset
     return nf4_dequantize_triton(w, dtype)
 
 
+def nf4_dequantize_out_triton_cpu(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                  shape, out):
+    from ..triton.nf4_dequant import nf4_dequantize_triton
+
+    w = nf4_ops.dequantize_out_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                      shape, out)
+    nf4_dequantize_triton(w, out.dtype, out=out)
+
+
 def register() -> None:
     """Register the Triton implementations for "cpu", replacing the C++ ones (and `backends()`'s record)."""
     kernel(nf4_ops.nf4_dequantize, "cpu", IMPLEMENTATION)(nf4_dequantize_triton_cpu)
+    kernel(nf4_ops.nf4_dequantize_out, "cpu", IMPLEMENTATION)(nf4_dequantize_out_triton_cpu)
+    kernel(nf4_linear_ops.nf4_linear, "cpu", IMPLEMENTATION)(cuda.cuda_nf4_linear)
+    kernel(nf4_linear_ops.nf4_linear_bwd, "cpu", IMPLEMENTATION)(cuda.cuda_nf4_linear_bwd)
     kernel(lora_ops.lora_linear_fwd, "cpu", IMPLEMENTATION)(cuda.triton_lora_linear_fwd)
     kernel(lora_ops.lora_linear_bwd, "cpu", IMPLEMENTATION)(cuda.triton_lora_linear_bwd)
     kernel(attention_ops.flash_attention_fwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_fwd)

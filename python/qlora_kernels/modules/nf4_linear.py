@@ -10,6 +10,7 @@ from torch import nn
 from ..bnb_state_dict import state_to_dict, weight_from_state_dict
 from ..nf4 import nf4_dequantize, nf4_quantize
 from ..nf4_weight import FLOAT_DTYPES, NF4QuantState, NF4Weight
+from ..ops import nf4_linear as nf4_linear_ops
 
 _STATE_FIELDS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
 
@@ -115,9 +116,14 @@ class NF4Linear(nn.Module):
         self._set_weight(packed.to(self.weight.device), state.to(self.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize(self.compute_dtype)
+        # the nf4_linear op: the GEMV for a few tokens, W in reused tiles or a workspace above
+        # (never a fresh dequantized W per call), in compute_dtype
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, the layer expects {self.in_features}")
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return nn.functional.linear(x.to(self.compute_dtype), w, bias).to(x.dtype)
+        x2d = x.to(self.compute_dtype).reshape(-1, self.in_features).contiguous()
+        y = nf4_linear_ops.nf4_linear(x2d, *self.nf4_weight.op_args(), self.out_features, bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     # -- casting and the state dict ------------------------------------------------------
 

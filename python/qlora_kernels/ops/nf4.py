@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._checks import require
+from .._checks import is_fake, require
 from ..nf4_weight import FLOAT_DTYPES, NESTED_CODE_SIZE, NF4Weight
 
 
@@ -74,6 +74,76 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_bloc
     NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
                            dtype)
     return packed.new_empty(shape, dtype=dtype)
+
+
+def check_dequantize_out(out: Tensor, shape, device: torch.device) -> None:
+    """`out` can take a weight of `shape` on `device` dequantized: contiguous, of that shape,
+    fp32/fp16/bf16, on that device."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    problems = []
+    if tuple(out.shape) != tuple(shape):
+        problems.append(f"shape {list(out.shape)} (the weight's is {list(shape)})")
+    if out.dtype not in FLOAT_DTYPES:
+        problems.append(f"dtype {out.dtype} (allowed: {FLOAT_DTYPES})")
+    if out.device != device:
+        problems.append(f"device {out.device} (the weight is on {device})")
+    if not out.is_contiguous():
+        problems.append(f"strides {out.stride()} (it must be contiguous)")
+    if problems:
+        raise ValueError(f"out has {', '.join(problems)}")
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def check_no_overlap(out: Tensor, weight: NF4Weight) -> None:
+    """`out` shares no byte with the weight's tensors (the kernels write out while reading them)."""
+    if is_fake(out) or out.numel() == 0:
+        return
+    lo, hi = _byte_range(out)
+    for name, t in (("packed", weight.packed), *weight.state.tensors().items()):
+        if not is_fake(t) and t.numel():
+            t_lo, t_hi = _byte_range(t)
+            if lo < t_hi and t_lo < hi:
+                raise ValueError(f"out overlaps the weight's {name}: the kernel would overwrite what it reads")
+
+
+def dequantize_out_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+                          out) -> NF4Weight:
+    """The weight `nf4_dequantize_out` received, checked, with `out` checked against it; every
+    implementation of that op starts here."""
+    check_dequantize_out(out, shape, absmax.device)
+    w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                               shape, out.dtype)
+    check_no_overlap(out, w)
+    return w
+
+
+@torch.library.custom_op("qlora_kernels::nf4_dequantize_out", mutates_args=("out",))
+def nf4_dequantize_out(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    offset: Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    shape: list[int],
+    out: Tensor,
+) -> None:
+    """`nf4_dequantize`'s values in out's dtype written into `out` (contiguous, of `shape`): a
+    caller that dequantizes the same shapes over and over reuses one buffer."""
+    w = dequantize_out_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+                              out)
+    out.copy_(w.dequantize_reference(out.dtype))
+
+
+@nf4_dequantize_out.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, out):
+    dequantize_out_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, out)
 
 
 @torch.library.custom_op("qlora_kernels::quantize_blockwise_8bit", mutates_args=())

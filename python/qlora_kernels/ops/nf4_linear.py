@@ -1,0 +1,87 @@
+"""The frozen NF4 linear layer's ops (`NF4Linear.forward`): forward and input gradient, with autograd.
+
+y = x·Wᵀ + bias on 2-D x [M, K] with W [N, K] NF4 (`NF4Weight.op_args()`, rebuilt and checked
+by `nf4_weight` in every implementation); W's values are `reference.nf4_dequantize(...,
+dtype=x.dtype)`, as in the LoRA ops. The backward op gives dx = dy·W; dbias = Σ_m dy is taken
+in the autograd formula; no gradient flows to W.
+The default implementation is the reference (dequantize W, then `F.linear`); backends/
+register the GEMV (M <= 16) and the tiled or dequantize-once paths above.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..nf4_weight import NF4Weight
+
+
+def nf4_weight(x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
+               in_features) -> NF4Weight:
+    """The op's NF4 arguments back as an `NF4Weight` [out_features, in_features], checked, and
+    x (or dy) and bias checked against it; every implementation starts here."""
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be 2-D fp32/fp16/bf16, got {tuple(x.shape)} {x.dtype}")
+    w = NF4Weight.from_op_args(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                               (out_features, in_features), x.dtype)
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device}, the NF4 weight on {w.device}")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.device != w.device):
+        raise ValueError(f"bias must be [{out_features}] on {w.device}, got {tuple(bias.shape)} on {bias.device}")
+    return w
+
+
+@torch.library.custom_op("qlora_kernels::nf4_linear", mutates_args=())
+def nf4_linear(
+    x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
+    offset: Tensor | None, blocksize: int, nested_blocksize: int, out_features: int, bias: Tensor | None,
+) -> Tensor:
+    w = nf4_weight(x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                   out_features, x.shape[1])
+    return torch.nn.functional.linear(x, w.dequantize_reference(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@nf4_linear.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features, bias):
+    nf4_weight(x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
+               x.shape[1])
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("qlora_kernels::nf4_linear_bwd", mutates_args=())
+def nf4_linear_bwd(
+    dy: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
+    offset: Tensor | None, blocksize: int, nested_blocksize: int, in_features: int,
+) -> Tensor:
+    """dx = dy·W [M, in_features] in dy's dtype."""
+    w = nf4_weight(dy, None, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                   dy.shape[1], in_features)
+    return dy @ w.dequantize_reference(dy.dtype)
+
+
+@nf4_linear_bwd.register_fake
+def _(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, in_features):
+    nf4_weight(dy, None, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, dy.shape[1],
+               in_features)
+    return dy.new_empty((dy.shape[0], in_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, _, bias = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+    ctx.blocksize, ctx.nested_blocksize, ctx.in_features = blocksize, nested_blocksize, x.shape[1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy):
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = nf4_linear_bwd(dy.contiguous(), packed, absmax, nested_absmax, nested_code, offset, ctx.blocksize,
+                            ctx.nested_blocksize, ctx.in_features)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[9]:
+        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return dx, None, None, None, None, None, None, None, None, dbias
+
+
+nf4_linear.register_autograd(_backward, setup_context=_setup_context)

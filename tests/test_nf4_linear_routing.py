@@ -1,0 +1,103 @@
+"""NF4Linear's forward / backward through the nf4_linear op, W in reused dequantize tiles,
+against the reference (W dequantized, then F.linear); a whole model decoding greedily as with
+the reference forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qlora_kernels as qk
+from qlora_kernels.backends import lora_cpu
+from qlora_kernels.modules import nf4_linear as nf4_linear_module
+
+from helpers import tiny_causal_lm
+from test_lora_any_model import OpCalls
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def reference_forward(layer, x):
+    """NF4Linear's forward as the reference defines it: the whole W dequantized, then F.linear."""
+    w = layer.dequantize(layer.compute_dtype)
+    bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
+    return nn.functional.linear(x.to(layer.compute_dtype), w, bias).to(x.dtype)
+
+
+def _layer(N, K, compute_dtype, double_quant, bias, blocksize=64):
+    linear = nn.Linear(K, N, bias=bias)
+    return qk.NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                    compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("M", (1, 4, 16, 17, 64))
+@pytest.mark.parametrize("compute_dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", (True, False))
+@pytest.mark.parametrize("N, K, bias", ((37, 129, True), (64, 200, False)))  # N·K odd: rows split bytes
+def test_forward_and_grads_as_accurate_as_the_reference(M, compute_dtype, double_quant, N, K, bias):
+    """y, dx and dbias: error against fp64 at most twice the reference forward's own (the same
+    math in compute_dtype)."""
+    layer = _layer(N, K, compute_dtype, double_quant, bias)
+    x = torch.randn(M, K, requires_grad=True)
+    dy = torch.randn(M, N).to(compute_dtype)
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == (M, N)
+    (dx,) = torch.autograd.grad(y, x, dy.float(), retain_graph=bias)
+
+    xc = x.detach().to(compute_dtype).double()
+    W = layer.dequantize(compute_dtype).double()
+    exact_y = xc @ W.t() + (layer.bias.detach().to(compute_dtype).double() if bias else 0)
+    exact_dx = dy.double() @ W
+    xr = x.detach().requires_grad_()
+    ref_y = reference_forward(layer, xr)
+    (ref_dx,) = torch.autograd.grad(ref_y, xr, dy.float())
+    for name, got, ref, exact in (("y", y, ref_y, exact_y), ("dx", dx, ref_dx, exact_dx)):
+        err = (got.double() - exact).abs().max().item()
+        ref_err = (ref.double() - exact).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6 * exact.abs().max().item(), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+    if bias:
+        (dbias,) = torch.autograd.grad(y, layer.bias, dy.float())
+        torch.testing.assert_close(dbias, dy.double().sum(0).to(compute_dtype).float(), rtol=1e-2 if
+                                   compute_dtype != torch.float32 else 1e-6, atol=1e-5)
+
+
+def test_forward_dequantizes_no_whole_weight():
+    """No nf4_dequantize (a fresh N x K tensor) in the forward or backward at any M; the tiles
+    above 16 tokens go into the one reused buffer."""
+    layer = _layer(96, 128, torch.bfloat16, True, True)
+    for M in (1, 16, 17, 40):
+        x = torch.randn(M, 128, requires_grad=True)
+        with OpCalls() as ops:
+            layer(x).sum().backward()
+        assert ops.calls == {"nf4_linear": 1, "nf4_linear_bwd": 1}, (M, ops.calls)
+    buffers = lora_cpu._scratch.buffers
+    before = buffers[torch.bfloat16].data_ptr()
+    layer(torch.randn(40, 128))
+    assert buffers[torch.bfloat16].data_ptr() == before
+
+
+def test_op_refuses_bad_arguments():
+    layer = _layer(24, 64, torch.float32, True, True)
+    args = layer.nf4_weight.op_args()
+    with pytest.raises(ValueError, match=r"bias must be \[24\]"):
+        torch.ops.qlora_kernels.nf4_linear(torch.randn(2, 64), *args, 24, torch.randn(25))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        torch.ops.qlora_kernels.nf4_linear(torch.randn(2, 64).double(), *args, 24, None)
+    with pytest.raises(ValueError, match=r"of a \(24, 65\) weight"):  # x's features do not fit W
+        torch.ops.qlora_kernels.nf4_linear(torch.randn(2, 65), *args, 24, None)
+    with pytest.raises(ValueError, match="x has 65 features, the layer expects 64"):
+        layer(torch.randn(2, 65))
+
+
+@pytest.mark.parametrize("prompt", (5, 20))  # a prompt of up to 16 tokens and a longer one
+def test_tiny_llama_generates_the_reference_tokens(prompt, monkeypatch):
+    model = tiny_causal_lm("llama").eval()
+    qk.quantize_model(model, compute_dtype=torch.float32, progress=False)
+    ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ours = model.generate(ids, **kwargs)
+        monkeypatch.setattr(nf4_linear_module.NF4Linear, "forward", reference_forward)
+        want = model.generate(ids, **kwargs)
+    assert torch.equal(ours, want)
