@@ -19,7 +19,7 @@ def time_case(benchmark):
         case.check()
         benchmark.group = case.label
         benchmark.extra_info["baseline"] = case.baseline_name
-        fn = case.ours if side == "ours" else case.baseline
+        fn = case.sides[side]
         if torch.cuda.is_available():
             benchmark(lambda: (fn(), torch.cuda.synchronize()))
         else:

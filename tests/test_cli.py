@@ -1,5 +1,5 @@
-"""The command line: help, --version, exit codes with one-line messages, where bench writes,
-and -v showing the qlora_kernels log."""
+"""The command line: help, --version, exit codes with one-line messages, where bench writes and
+what its results record (bench decode end to end), and -v showing the qlora_kernels log."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import logging
 import subprocess
 import sys
+import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch
 import qlora_kernels
 from qlora_kernels.bench import runner
 from qlora_kernels.bench.case import Case
+from qlora_kernels.bench.source import source_commit
 from qlora_kernels.cli import main
 from qlora_kernels.finetune import job
 
@@ -115,7 +118,7 @@ def tiny_bench(monkeypatch):
                                                                      check=check)])
     monkeypatch.setitem(runner.SUITES, "nf4", suite)
     monkeypatch.setattr(runner, "median_ms", lambda fn, device, quick: 1.0)
-    monkeypatch.setattr(runner, "copy_bandwidth_gbps", lambda device, quick: 10.0)
+    monkeypatch.setattr(runner, "read_bandwidth_gbps", lambda device, quick: 10.0)
     monkeypatch.setattr(runner, "warm_cpu_allocations", lambda: None)
     monkeypatch.setattr(runner, "default_device", lambda: torch.device("cpu"))
     return case
@@ -143,6 +146,48 @@ def test_bench_wrong_result_is_not_timed(tiny_bench, tmp_path, capsys):
     assert one_line_error(capsys, "bench") == ("nf4_dequantize 8: ours' output differs from the baseline's by 1 "
                                                "(scale 7)")
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_records_the_commit_it_measured(tiny_bench, tmp_path):
+    tiny_bench["ok"] = True
+    assert main(["bench", "nf4", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("bench-*-nf4-*.json")
+    head = subprocess.run(["git", "-C", str(Path(qlora_kernels.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert json.loads(path.read_text())["source"] == {"commit": head, "dirty": source_commit()["dirty"]}
+
+
+def test_bench_decode_quick(tmp_path, monkeypatch, capsys):
+    """`bench decode --quick` end to end: the layer rows at 1, 4 and 16 tokens and the generate()
+    row, each with its ratio against bf16 and against bitsandbytes, and the commit. Each call is
+    timed once (the harness, not the figures, is under test here)."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("bitsandbytes")
+
+    def once(fn, device, quick):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    monkeypatch.setattr(runner, "median_ms", once)
+    monkeypatch.setattr(runner, "read_bandwidth_gbps", lambda device, quick: 10.0)  # 1 GiB read: not under test
+    monkeypatch.setattr(runner, "default_device", lambda: torch.device("cpu"))
+    assert main(["bench", "decode", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("bench-*-decode-*-quick.json")
+    result = json.loads(path.read_text())
+    assert result["source"] == source_commit() and result["read_bandwidth_GBps"] == 10.0
+    layers, (generate,) = result["rows"][:-1], result["rows"][-1:]
+    assert [(r["op"], r["tokens"]) for r in layers] == [("NF4Linear decode", m) for m in (1, 4, 16)] * 2
+    assert {r["baseline"] for r in layers} == {"bf16 nn.Linear"}
+    assert generate["op"] == "generate greedy" and generate["baseline"] == "same model in bf16"
+    for row, other in [*((r, "bnb_linear4bit") for r in layers), (generate, "bnb_4bit")]:
+        assert row["ratio"] == pytest.approx(row["baseline_ms"] / row["ours_ms"], rel=1e-2, abs=1e-3)
+        assert list(row["other_baselines"]) == [other]
+        assert row[f"ratio_vs_{other}"] == pytest.approx(row[f"{other}_ms"] / row["ours_ms"], rel=1e-2, abs=1e-3)
+    tokens_per_s = generate["tokens_per_s"]
+    assert tokens_per_s["ours"] == pytest.approx(generate["new_tokens"] / generate["ours_ms"] * 1e3, rel=1e-3)
+    assert generate["ratio"] == pytest.approx(tokens_per_s["ours"] / tokens_per_s["baseline"], rel=1e-2)
+    out = capsys.readouterr().out
+    assert f"x vs {layers[0]['other_baselines']['bnb_linear4bit']}" in out
 
 
 @pytest.fixture

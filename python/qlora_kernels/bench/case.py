@@ -1,6 +1,6 @@
 """A benchmark case: one op on one shape, ours against what a user would otherwise run.
 
-The suites (nf4, lora, attention) yield cases from `cases(device, quick)`; `qlora-kernels bench`
+The suites (nf4, lora, attention, decode) yield cases from `cases(device, quick)`; `qlora-kernels bench`
 (runner.py) and the pytest-benchmark scripts in benchmarks/ both check and time them.
 """
 
@@ -11,13 +11,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-Roofline = Callable[[dict[str, float], float], dict]  # (median ms by name, copy GB/s) -> row keys
+Roofline = Callable[[dict[str, float], float], dict]  # (median ms by name, read GB/s) -> row keys
 
 
 @dataclass(frozen=True)
 class Case:
     """`ours` and `baseline` are what is timed (a call, or a training step from `step`);
-    `roofline` turns the medians into the row's roofline figure."""
+    `roofline` turns the medians into the row's roofline figure.
+
+    `baseline_variants` are other ways a user runs the same baseline (by name): each is timed,
+    and the row's baseline is the fastest of them and `baseline`. `other_baselines` names the
+    `also` timings that are baselines in their own right (name -> what it is): the row gets a
+    ratio against each."""
 
     op: str
     shape: str | list[int]
@@ -30,10 +35,26 @@ class Case:
     also: dict[str, Callable[[], object]] = field(default_factory=dict)  # timed too, reported as "<name>_ms"
     info: dict = field(default_factory=dict)  # more row keys that name the case
     peak_memory: bool = False  # also report the CUDA peak MB of ours and of the baseline
+    baseline_variants: dict[str, Callable[[], object]] = field(default_factory=dict)
+    other_baselines: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = set(self.other_baselines) - set(self.also)
+        if unknown:
+            raise ValueError(f"{self.label}: other_baselines {sorted(unknown)} are not timed in also "
+                             f"{sorted(self.also)}")
+        if self.baseline_name in self.baseline_variants:
+            raise ValueError(f"{self.label}: baseline variant {self.baseline_name!r} has the baseline's name")
 
     @property
     def label(self) -> str:
         return f"{self.op} {shape_label(self.shape)}"
+
+    @property
+    def sides(self) -> dict[str, Callable[[], object]]:
+        """What is compared, by name: ours, the baseline ("baseline"), its variants and the other baselines."""
+        return {"ours": self.ours, "baseline": self.baseline, **self.baseline_variants,
+                **{name: self.also[name] for name in self.other_baselines}}
 
 
 def shape_label(shape: str | list[int]) -> str:
@@ -80,3 +101,30 @@ def _output_and_grads(fn, grad_of):
     for t in grad_of:
         t.grad = None
     return [out.detach(), *grads]
+
+
+def bandwidth(nbytes: int, ms: float, read_gbps: float) -> dict:
+    """Row keys for a read-mostly kernel that moves `nbytes` in `ms`: GB/s and its share of the
+    measured read bandwidth. Above that ceiling the bytes came from a cache, not from memory,
+    and no share is claimed."""
+    gbps = nbytes / ms / 1e6
+    pct = 100 * gbps / read_gbps
+    if pct > 100:
+        return {"ours_GBps": round(gbps, 1), "pct_of_read_bandwidth": None,
+                "roofline": f"{gbps:.1f} GB/s, above the {read_gbps:.1f} GB/s memory read ceiling (cached bytes)"}
+    return {"ours_GBps": round(gbps, 1), "pct_of_read_bandwidth": round(pct, 1),
+            "roofline": f"{gbps:.1f} GB/s, {pct:.0f}% of read bandwidth"}
+
+
+def other_baseline_ratios(other_baselines: dict[str, str], ms: dict[str, float]) -> dict:
+    """Row keys of the baselines besides the row's own: what each is and baseline / ours for each."""
+    if not other_baselines:
+        return {}
+    return {"other_baselines": dict(other_baselines),
+            **{f"ratio_vs_{name}": round(ms[name] / ms["ours"], 3) for name in other_baselines}}
+
+
+def other_ratios(row: dict, times: str = "x") -> str:
+    """The row's ratios against its other baselines, as the tables print them ("" when none)."""
+    return "".join(f"; {row[f'ratio_vs_{name}']:.2f}{times} vs {what}"
+                   for name, what in row.get("other_baselines", {}).items())

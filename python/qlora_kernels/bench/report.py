@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .case import other_ratios
+
 
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.3f}"
@@ -26,5 +28,5 @@ def markdown_table(path: str | Path) -> str:
     ]
     for r in results["rows"]:
         lines.append(f"| {r['op']} | {_shape(r)} | {r['dtype']} | {_ms(r['ours_ms'])} | {r['baseline']} | "
-                     f"{_ms(r['baseline_ms'])} | {r['ratio']:.2f}× | {r.get('roofline', '')} |")
+                     f"{_ms(r['baseline_ms'])} | {r['ratio']:.2f}× | {r.get('roofline', '')}{other_ratios(r, '×')} |")
     return "\n".join(lines)

@@ -11,26 +11,35 @@ import torch
 
 from ..env import backends
 from ..errors import JobFailed
-from . import attention, lora, nf4
-from .case import Case, shape_label
+from . import attention, decode, lora, nf4
+from .case import Case, other_baseline_ratios, other_ratios, shape_label
 from .memory import cuda_peak_mb
-from .timing import copy_bandwidth_gbps, default_device, device_name, median_ms, slug, warm_cpu_allocations
+from .source import source_commit
+from .timing import default_device, device_name, median_ms, read_bandwidth_gbps, slug, warm_cpu_allocations
 
-SUITES = {"nf4": nf4, "lora": lora, "attention": attention}
+SUITES = {"nf4": nf4, "lora": lora, "attention": attention, "decode": decode}
 
 
-def measure(case: Case, device: torch.device, quick: bool, copy_gbps: float) -> dict:
-    """Check the case against its baseline, then time ours, the baseline and `also` side by side: one row."""
+def measure(case: Case, device: torch.device, quick: bool, read_gbps: float) -> dict:
+    """Check the case against its baseline, then time ours, the baseline (each of its variants)
+    and `also` side by side: one row, whose baseline is the fastest variant."""
     try:
         case.check()
     except AssertionError as e:  # a wrong result is not timed
         raise JobFailed(f"{case.label}: {e}") from None
-    timed = {"ours": case.ours, "baseline": case.baseline, **case.also}
-    ms = {name: median_ms(fn, device, quick) for name, fn in timed.items()}
+    ours_ms = median_ms(case.ours, device, quick)
+    variants = {case.baseline_name: case.baseline, **case.baseline_variants}
+    variant_ms = {name: median_ms(fn, device, quick) for name, fn in variants.items()}
+    fastest = min(variant_ms, key=variant_ms.get)
+    ms = {"ours": ours_ms, "baseline": variant_ms[fastest],
+          **{name: median_ms(fn, device, quick) for name, fn in case.also.items()}}
     row = {"op": case.op, "shape": case.shape, **case.info, "dtype": case.dtype, "ours_ms": round(ms["ours"], 4),
-           "baseline": case.baseline_name, "baseline_ms": round(ms["baseline"], 4),
+           "baseline": fastest, "baseline_ms": round(ms["baseline"], 4),
            "ratio": round(ms["baseline"] / ms["ours"], 3), **{f"{name}_ms": round(ms[name], 4) for name in case.also}}
-    row.update(case.roofline(ms, copy_gbps) if case.roofline else {"roofline": ""})
+    if case.baseline_variants:
+        row["baseline_variants_ms"] = {name: round(v, 4) for name, v in variant_ms.items()}
+    row.update(other_baseline_ratios(case.other_baselines, ms))
+    row.update(case.roofline(ms, read_gbps) if case.roofline else {"roofline": ""})
     if case.peak_memory:
         row["ours_peak_MB"] = round(cuda_peak_mb(case.ours), 1)
         row["baseline_peak_MB"] = round(cuda_peak_mb(case.baseline), 1)
@@ -38,10 +47,12 @@ def measure(case: Case, device: torch.device, quick: bool, copy_gbps: float) -> 
     return row
 
 
-def _suite_rows(suite: str, device: torch.device, quick: bool, copy_gbps: float) -> list[dict]:
-    rows = [measure(case, device, quick, copy_gbps) for case in SUITES[suite].cases(device, quick)]
+def _suite_rows(suite: str, device: torch.device, quick: bool, read_gbps: float) -> list[dict]:
+    rows = [measure(case, device, quick, read_gbps) for case in SUITES[suite].cases(device, quick)]
     if suite == "attention":
         rows.append(attention.peak_memory(device))  # memory of one long forward, not a timing
+    if suite == "decode":
+        rows.append(decode.generate_row(device, quick))  # whole generate() calls, timed interleaved
     return [dict(r, suite=suite) for r in rows]
 
 
@@ -54,7 +65,7 @@ def _table(rows: list[dict]) -> str:
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
         lines.append(f"{r['op']:<34} {shape_label(r['shape']):<32} {_ms(r['ours_ms'])} {_ms(r['baseline_ms'])} "
-                     f"{r['ratio']:>6.2f}x  {r.get('roofline', '')}  [vs {r['baseline']}]")
+                     f"{r['ratio']:>6.2f}x  {r.get('roofline', '')}  [vs {r['baseline']}]{other_ratios(r)}")
     return "\n".join(lines)
 
 
@@ -81,8 +92,9 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
 
 
 def run(what: str = "nf4", quick: bool = False, out_dir: str = "runs", device: str | None = None) -> Path:
-    """Check and time the suite(s) `what`; writes `<out_dir>/bench-<device>-<date>.json` and a PNG
-    (out_dir relative to the current folder) and returns the JSON's path. JobFailed when one of
+    """Check and time the suite(s) `what`; writes `<out_dir>/bench-<device>[-<what>]-<date>.json`
+    (with the git commit of the measured source) and a PNG (out_dir relative to the current
+    folder) and returns the JSON's path. JobFailed when one of
     ours disagrees with its baseline."""
     dev = torch.device(device) if device else default_device()
     if dev.type == "cpu":
@@ -90,21 +102,21 @@ def run(what: str = "nf4", quick: bool = False, out_dir: str = "runs", device: s
     suites = list(SUITES) if what == "all" else [what]
     name = device_name(dev)
     print(f"bench {'+'.join(suites)} on {name}{' (quick)' if quick else ''}", flush=True)
-    copy_gbps = copy_bandwidth_gbps(dev, quick)
+    read_gbps = read_bandwidth_gbps(dev, quick)
     rows = []
     for suite in suites:
-        rows += _suite_rows(suite, dev, quick, copy_gbps)
+        rows += _suite_rows(suite, dev, quick, read_gbps)
     print(_table(rows))
-    print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
+    print(f"measured read bandwidth: {read_gbps:.1f} GB/s")
 
     date = dt.date.today().strftime("%Y%m%d")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{slug(name)}-{date}{'-quick' if quick else ''}"
+    stem = f"bench-{slug(name)}{'' if what == 'all' else '-' + what}-{date}{'-quick' if quick else ''}"
     result = {
         "device": name, "date": date, "quick": quick,
         "command": "python -m qlora_kernels bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [what]),
-        "copy_bandwidth_GBps": round(copy_gbps, 1), "env": backends(), "rows": rows,
+        "source": source_commit(), "read_bandwidth_GBps": round(read_gbps, 1), "env": backends(), "rows": rows,
         "cpu_allocations": "glibc heap, freed memory kept (no first-touch page faults)" if dev.type == "cpu" else None,
     }
     path = out / f"{stem}.json"

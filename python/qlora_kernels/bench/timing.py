@@ -57,10 +57,23 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
-    """Measured device copy bandwidth (bytes read + written), the roofline for memory-bound ops."""
-    nbytes = (1 << 30) if device.type == "cuda" else (1 << 28)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, quick)
-    return 2 * nbytes / ms / 1e6
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (Linux sysfs); 256 MiB where the system does not say."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in "KMG":
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
+    return max(sizes, default=256 << 20)
+
+
+def read_bandwidth_gbps(device: torch.device, quick: bool) -> float:
+    """Measured streaming read bandwidth of the device (GB/s): the ceiling of a read-mostly
+    kernel whose bytes come from memory. A reduction over a buffer far larger than the caches
+    (on CPU four times the last-level cache, at least 1 GiB, summed by torch's threads; on GPU
+    4 GiB), which reads every byte once and writes nothing. A copy is no ceiling: it writes as
+    much as it reads, and its write-allocate traffic is not in its byte count."""
+    nbytes = (4 << 30) if device.type == "cuda" else max(1 << 30, 4 * last_level_cache_bytes())
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    ms = median_ms(buf.sum, device, quick)
+    return nbytes / ms / 1e6
