@@ -105,7 +105,7 @@ def _bench(out: Path) -> dict | None:
     return {
         "file": str(paths[-1].relative_to(out)),
         "device": result.get("device"),
-        "copy_bandwidth_GBps": result.get("copy_bandwidth_GBps"),
+        "read_bandwidth_GBps": result.get("read_bandwidth_GBps"),
         "ratio_by_op": {op: {"cases": len(r), "min": min(r), "median": round(statistics.median(r), 3), "max": max(r)}
                         for op, r in by_op.items()},
         "rows": [{"op": r["op"], "shape": r["shape"], "dtype": r.get("dtype"), "ours_ms": r["ours_ms"],
@@ -186,7 +186,7 @@ def markdown(s: dict) -> str:
             lines += [f"- skipped {n}x: {reason}" for reason, n in t["skip_reasons"].items()]
     b = s["bench"]
     if b is not None:
-        lines += ["", f"## bench all ({b['file']}; copy bandwidth {b['copy_bandwidth_GBps']} GB/s)", "",
+        lines += ["", f"## bench all ({b['file']}; read bandwidth {b['read_bandwidth_GBps']} GB/s)", "",
                   "| op | cases | speed-up vs baseline min | median | max |", "|---|---|---|---|---|"]
         for op, r in b["ratio_by_op"].items():
             lines.append(f"| {op} | {r['cases']} | {r['min']:.2f}x | {r['median']:.2f}x | {r['max']:.2f}x |")
