@@ -77,6 +77,23 @@ def test_no_row_claims_more_than_100_percent_of_the_ceiling(monkeypatch, ms):
         assert all(r["pct_of_read_bandwidth"] is not None for r in rows)
 
 
+def test_dequantize_into_out_is_checked_and_compared_with_copying_its_bytes(monkeypatch):
+    import bitsandbytes.functional as bnb
+
+    from qlora_kernels import nf4_quantize
+
+    w = torch.randn(64, 128, dtype=torch.bfloat16)
+    packed, state = nf4_quantize(w, 64, True, torch.bfloat16)
+    b_packed, b_state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                          quant_storage=torch.bfloat16)
+    case = nf4._into_out(packed, state, b_packed, b_state, "tiny", (64, 128))
+    case.check()
+    stub_times(monkeypatch, {case.ours: 1.3, case.baseline: 1.0})
+    row = runner.measure(case, CPU, True, 10.0)
+    assert (row["time_vs_copy"], row["ratio"]) == (1.3, 0.769)
+    assert row["roofline"] == "1.30x the time of copying the output bytes"
+
+
 def test_other_baselines_are_timed_and_get_ratios(monkeypatch):
     ours, dense, bnb = (lambda: torch.ones(4)), (lambda: torch.ones(4)), (lambda: torch.ones(4))
     case = Case("op", [4], "float32", ours=ours, baseline=dense, baseline_name="dense", check=lambda: None,

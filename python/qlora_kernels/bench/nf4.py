@@ -60,6 +60,34 @@ def _layer_cases(name: str, shape: tuple[int, int], device: torch.device) -> Ite
                roofline=_read_mostly(2 * n + n // 2 + state_bytes), **common)  # read bf16, write packed + state
     yield Case("nf4_dequantize -> bf16", ours=ours_dequantize, baseline=bnb_dequantize, check=same_values,
                roofline=_write_mostly(n // 2 + state_bytes + 2 * n), **common)  # read packed + state, write bf16
+    yield _into_out(packed, state, b_packed, b_state, name, shape)
+
+
+def _into_out(packed, state, b_packed, b_state, name: str, shape: tuple[int, int]) -> Case:
+    """Dequantize into a given buffer, as into a reused workspace: against copying the output's
+    bytes into an existing buffer (the least any writer of them costs) and, on a GPU, against
+    bitsandbytes' dequantize_4bit(out=) (bitsandbytes has no CPU kernel for out=)."""
+    import bitsandbytes.functional as bnb
+
+    gpu = packed.device.type == "cuda"
+    out, b_out, src, dst = (torch.empty(shape, dtype=torch.bfloat16, device=packed.device) for _ in range(4))
+    ours = lambda: nf4_dequantize(packed, state, out=out)  # noqa: E731
+    theirs = lambda: bnb.dequantize_4bit(b_packed, b_state, quant_type="nf4", out=b_out if gpu else None)  # noqa: E731
+    copy = lambda: dst.copy_(src)  # noqa: E731
+
+    def same_values():
+        if not torch.equal(ours(), theirs()):
+            raise AssertionError("our dequantize into out differs from bitsandbytes'")
+
+    def roofline(ms: dict[str, float], read_gbps: float) -> dict:
+        return {"time_vs_copy": round(ms["ours"] / ms["baseline"], 3),
+                "roofline": f"{ms['ours'] / ms['baseline']:.2f}x the time of copying the output bytes"}
+
+    return Case("nf4_dequantize -> bf16 into out", list(shape), "bfloat16", ours=ours, baseline=copy,
+                baseline_name="copy of the output bytes into a buffer", check=same_values, roofline=roofline,
+                also={"bitsandbytes_out": theirs} if gpu else {},
+                other_baselines={"bitsandbytes_out": "bitsandbytes (out=)"} if gpu else {},
+                info={"name": name, "blocksize": BLOCKSIZE})
 
 
 def _read_mostly(nbytes: int):
