@@ -1,6 +1,7 @@
-"""NF4Linear's forward / backward through the nf4_linear op, W in reused dequantize tiles,
-against the reference (W dequantized, then F.linear); a whole model decoding greedily as with
-the reference forward."""
+"""NF4Linear's forward / backward through the nf4_linear op: the CPU GEMV for M <= 16 tokens,
+reused dequantize tiles above, against the reference (W dequantized, then F.linear); a whole
+model decoding greedily as with the reference forward; PEFT LoRA over NF4Linear at M = 1 on
+the GEMV with its rank fused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import qlora_kernels as qk
-from qlora_kernels.backends import lora_cpu
+from qlora_kernels.backends import lora_cpu, lora_gemv_cpu
 from qlora_kernels.modules import nf4_linear as nf4_linear_module
 
 from helpers import tiny_causal_lm
@@ -25,6 +26,20 @@ def reference_forward(layer, x):
     return nn.functional.linear(x.to(layer.compute_dtype), w, bias).to(x.dtype)
 
 
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """The CPU GEMV's calls, (M, rank) each, while it still computes."""
+    calls = []
+    real = lora_gemv_cpu.lora_gemv_cpu
+
+    def counting(x, weight, bias, xa, lora_B, scaling):
+        calls.append((x.shape[0], 0 if xa is None else xa.shape[1]))
+        return real(x, weight, bias, xa, lora_B, scaling)
+
+    monkeypatch.setattr(lora_gemv_cpu, "lora_gemv_cpu", counting)
+    return calls
+
+
 def _layer(N, K, compute_dtype, double_quant, bias, blocksize=64):
     linear = nn.Linear(K, N, bias=bias)
     return qk.NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
@@ -35,15 +50,16 @@ def _layer(N, K, compute_dtype, double_quant, bias, blocksize=64):
 @pytest.mark.parametrize("compute_dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", (True, False))
 @pytest.mark.parametrize("N, K, bias", ((37, 129, True), (64, 200, False)))  # N·K odd: rows split bytes
-def test_forward_and_grads_as_accurate_as_the_reference(M, compute_dtype, double_quant, N, K, bias):
+def test_forward_and_grads_as_accurate_as_the_reference(M, compute_dtype, double_quant, N, K, bias, gemv_calls):
     """y, dx and dbias: error against fp64 at most twice the reference forward's own (the same
-    math in compute_dtype)."""
+    math in compute_dtype), the GEMV taking exactly the M <= 16 forwards."""
     layer = _layer(N, K, compute_dtype, double_quant, bias)
     x = torch.randn(M, K, requires_grad=True)
     dy = torch.randn(M, N).to(compute_dtype)
     y = layer(x)
     assert y.dtype == x.dtype and y.shape == (M, N)
     (dx,) = torch.autograd.grad(y, x, dy.float(), retain_graph=bias)
+    assert gemv_calls == ([(M, 0)] if M <= 16 else [])
 
     xc = x.detach().to(compute_dtype).double()
     W = layer.dequantize(compute_dtype).double()
@@ -91,13 +107,42 @@ def test_op_refuses_bad_arguments():
 
 
 @pytest.mark.parametrize("prompt", (5, 20))  # a prompt of up to 16 tokens and a longer one
-def test_tiny_llama_generates_the_reference_tokens(prompt, monkeypatch):
+def test_tiny_llama_generates_the_reference_tokens(prompt, monkeypatch, gemv_calls):
     model = tiny_causal_lm("llama").eval()
     qk.quantize_model(model, compute_dtype=torch.float32, progress=False)
     ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         ours = model.generate(ids, **kwargs)
+        layers = sum(isinstance(m, qk.NF4Linear) for m in model.modules())
+        assert len(gemv_calls) == layers * (8 if prompt <= 16 else 7)
         monkeypatch.setattr(nf4_linear_module.NF4Linear, "forward", reference_forward)
         want = model.generate(ids, **kwargs)
     assert torch.equal(ours, want)
+
+
+def test_peft_lora_over_nf4linear_decodes_on_the_gemv(gemv_calls, monkeypatch):
+    """Patched PEFT LoRA layers at M = 1: the GEMV with the adapter's rank, and PEFT's logits
+    (its own forward over the reference NF4Linear forward)."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_kernels.patching.lora import patch_lora, unpatch_lora
+
+    model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    qk.quantize_model(model, compute_dtype=torch.float32, progress=False)  # the LoRA layers' bases
+    model.eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at 0: make the LoRA branch count
+            nn.init.normal_(p, std=0.1)
+    patched = patch_lora(model)
+    ids = torch.tensor([[3]])
+    with torch.no_grad():
+        ours = model(ids).logits
+        assert gemv_calls == [(1, 8)] * len(patched)
+        del gemv_calls[:]
+        model(torch.randint(0, 128, (1, 17)))  # 17 tokens: the tiled path
+        assert gemv_calls == []
+        unpatch_lora(model)
+        monkeypatch.setattr(nf4_linear_module.NF4Linear, "forward", reference_forward)
+        want = model(ids).logits
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ patch(model, attention=True, lora=True, quantize=None, strict=True) -> model
 unpatch(model) -> model                 stock behaviour again; patch_report(model) says what patch did.
 nf4_quantize(weight, blocksize=64, double_quant=True, quant_storage=torch.uint8)
     -> (packed, NF4QuantState); bitsandbytes' NF4 bytes.
-nf4_dequantize(packed, state, dtype=None) -> tensor of state.shape.
+nf4_dequantize(packed, state, dtype=None, out=None) -> tensor of state.shape (out when given).
 NF4QuantState / NF4Weight               the quant state / packed bytes + state, checked when built.
 NF4Linear.from_linear(linear, ...)      frozen 4-bit linear, bitsandbytes state dict.
 quantize_model(model, ...)              nn.Linear -> NF4Linear (skips lm_head).

@@ -83,12 +83,24 @@ if _C is not None:
                 attention_ops.no_sinks_grad(q) if dsinks is None else dsinks)
 
 
-    @kernel(nf4_linear_ops.nf4_linear, "cpu", "C++ NF4 tiles + torch GEMMs")
+    def gemv_applies(M: int) -> bool:
+        """Whether M tokens go to the NF4 GEMV (decode, short prompts): it reads each packed
+        byte once, where the tiled path writes W out in tiles and reads them back."""
+        return 1 <= M <= _C.lora_gemv_max_rows
+
+    def _gemv(x, state, bias, xa, lora_B, scaling):
+        from .lora_gemv_cpu import lora_gemv_cpu
+
+        return lora_gemv_cpu(x, state, bias, xa, lora_B, scaling)
+
+    @kernel(nf4_linear_ops.nf4_linear, "cpu", "C++ NF4 GEMV (M <= 16), NF4 tiles + torch GEMMs")
     def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features, bias):
         from .lora_cpu import nf4_linear_cpu
 
         state = nf4_linear_ops.nf4_weight(x, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                           nested_blocksize, out_features, x.shape[1])
+        if gemv_applies(x.shape[0]):
+            return _gemv(x, state, bias, None, None, 0.0)
         return nf4_linear_cpu(x, state, bias)
 
     @kernel(nf4_linear_ops.nf4_linear_bwd, "cpu", "C++ NF4 tiles + torch GEMMs")
@@ -99,7 +111,7 @@ if _C is not None:
                                           nested_blocksize, dy.shape[1], in_features)
         return nf4_linear_dx_cpu(dy, state)
 
-    @kernel(lora_ops.lora_linear_fwd, "cpu", "C++ NF4 tiles + torch GEMMs")
+    @kernel(lora_ops.lora_linear_fwd, "cpu", "C++ NF4 GEMV (M <= 16, no dropout), NF4 tiles + torch GEMMs")
     def _(x, weight, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
           bias, lora_A, lora_B, scaling, dropout_p, seed):
         from .lora_cpu import dropout_keep_mask_cpu, lora_forward_cpu
@@ -107,6 +119,9 @@ if _C is not None:
         M, K = x.shape
         state = lora_ops.nf4_base(weight, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                   nested_blocksize, out_features, K, x.dtype)
+        if state is not None and dropout_p == 0 and gemv_applies(M):
+            xa = x.float() @ lora_A.float().t()
+            return _gemv(x, state, bias, xa, lora_B, scaling), xa
         keep = dropout_keep_mask_cpu(int(seed), dropout_p, M, K) if dropout_p > 0 else None
         y, xa = lora_forward_cpu(x, weight, state, bias, lora_A, lora_B, scaling, keep, dropout_p)
         return y, xa.float()
