@@ -146,3 +146,39 @@ def test_peft_lora_over_nf4linear_decodes_on_the_gemv(gemv_calls, monkeypatch):
         monkeypatch.setattr(nf4_linear_module.NF4Linear, "forward", reference_forward)
         want = model(ids).logits
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("M", (1, 16, 17))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("dropout_p", (0.0, 0.1))
+def test_lora_linear_takes_the_gemv_for_few_tokens_without_dropout(M, dtype, dropout_p, gemv_calls):
+    """lora_linear over an NF4 base: the GEMV with the rank fused for M <= 16 without dropout,
+    y and the gradients within twice the error of the same math in plain torch ops in dtype."""
+    from qlora_kernels.reference import lora as ref
+
+    layer = _layer(48, 96, dtype, True, True)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 96, generator=g).to(dtype).requires_grad_()
+    A = (torch.randn(8, 96, generator=g) * 0.1).to(dtype).requires_grad_()
+    B = (torch.randn(48, 8, generator=g) * 0.1).to(dtype).requires_grad_()
+    bias = layer.bias.detach().to(dtype)
+    dy = torch.randn(M, 48, generator=g).to(dtype)
+    torch.manual_seed(7)
+    y = qk.lora_linear(x, layer, bias, A, B, 2.0, dropout_p=dropout_p)
+    grads = torch.autograd.grad(y, (x, A, B), dy)
+    assert gemv_calls == ([(M, 8)] if M <= 16 and dropout_p == 0 else [])
+    if dropout_p:  # the tiled path with its mask, whose values test_lora_cpu checks
+        return
+    W = layer.dequantize(dtype)
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    exact = ref.lora_linear(leaves[0], W.double(), bias.double(), leaves[1], leaves[2], 2.0)
+    exact_grads = torch.autograd.grad(exact, leaves, dy.double())
+    plain_leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+    xp, Ap, Bp = plain_leaves
+    plain = nn.functional.linear(xp, W, bias) + 2.0 * ((xp @ Ap.t()) @ Bp.t())
+    plain_grads = torch.autograd.grad(plain, plain_leaves, dy)
+    for name, got, want, low in zip(("y", "dx", "dA", "dB"), (y, *grads), (exact, *exact_grads),
+                                    (plain, *plain_grads)):
+        err = (got.double() - want).abs().max().item()
+        err_plain = (low.double() - want).abs().max().item()
+        assert err <= 2 * err_plain + 1e-6 * want.abs().max().item(), f"{name}: {err:.3g} vs plain {err_plain:.3g}"
