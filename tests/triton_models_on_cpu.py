@@ -32,11 +32,14 @@ from helpers import assert_within_twice_stock_error
 from test_patch_model import add_lora, batch, checkpoints, load_4bit, loss_and_grads  # noqa: F401
 
 FAMILIES = ["llama", "opt", "bloom"]
-TRITON_OPS = ["nf4_dequantize", "lora_linear_fwd", "lora_linear_bwd", "flash_attention_fwd", "flash_attention_bwd"]
+TRITON_OPS = ["nf4_dequantize", "nf4_dequantize_out", "nf4_linear", "nf4_linear_bwd", "lora_linear_fwd",
+              "lora_linear_bwd", "flash_attention_fwd", "flash_attention_bwd"]
 # the Triton kernel each op call launches exactly once, whichever path it takes (attention
 # forward: one of two)
 KERNELS = {
     "nf4_dequantize": ("_nf4_dequant_kernel",),
+    "nf4_linear": ("_nf4_dequant_kernel",),  # W dequantized once, the GEMM left to torch
+    "nf4_linear_bwd": ("_nf4_dequant_kernel",),
     "lora_linear_fwd": ("_lora_xa_kernel",),
     "lora_linear_bwd": ("_lora_dA_kernel",),
     "flash_attention_fwd": ("_fwd_kernel", "_decode_split_kernel"),
@@ -169,14 +172,15 @@ def test_qlora_recipe_bf16_within_twice_stock_error(checkpoints, family, lora_pa
 
 
 def test_layers_without_lora_dequantize_through_triton(checkpoints):
-    # LoRA on q_proj / v_proj only: the other NF4 layers compute x·Wᵀ over a dequantized W
+    # LoRA on q_proj / v_proj only: the other NF4 layers (NF4Linear's op) compute x·Wᵀ and dy·W over
+    # a W dequantized by Triton
     ids = batch(1, shape=(2, 16))
     modules = ["q_proj", "v_proj"]
     want = loss_and_grads(qlora(checkpoints / "llama", target_modules=modules), ids)
     model = qk.patch(qlora(checkpoints / "llama", target_modules=modules))
     with counting() as counted:
         got = loss_and_grads(model, ids)
-    assert_ran_triton(counted, "nf4_dequantize", "lora_linear_fwd", "lora_linear_bwd")
+    assert_ran_triton(counted, "nf4_linear", "nf4_linear_bwd", "lora_linear_fwd", "lora_linear_bwd")
     assert_close_fp32(got, want)
 
 
