@@ -419,3 +419,23 @@ def test_gemv_rank_zero_passes_no_adapter(monkeypatch):
     assert launched == {"xa": 0, "lora_B": 0, "rank": 0, "bias": True} and y.shape == (2, 24)
     with pytest.raises(ValueError, match="pass both xa and lora_B"):
         glue.lora_gemv_cuda(torch.randn(2, 64), state, None, torch.randn(2, 4), None, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 16, 17, 600])  # the GEMV (rank 0), dequantize-once + cuBLAS
+def test_nf4_linear_on_the_gpu_within_twice_the_references_error(M):
+    import qlora_kernels as qk
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    layer = qk.NF4Linear.from_linear(linear, quant_storage=torch.bfloat16)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    W = layer.dequantize(torch.bfloat16)
+    exact_y = x.detach().double() @ W.double().t() + linear.bias.double()
+    stock_y = torch.nn.functional.linear(x.detach(), W, linear.bias)
+    for got, stock, exact in ((y, stock_y, exact_y), (dx, dy @ W, dy.double() @ W.double())):
+        assert (got.double() - exact).abs().max() <= 2 * (stock.double() - exact).abs().max() + 1e-3
