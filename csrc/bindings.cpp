@@ -2,13 +2,18 @@
 // (tensor.data_ptr()); Python validates shapes, dtypes and devices before calling.
 #include <pybind11/pybind11.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "binding_utils.h"
 #include "cpu_isa.h"
 #include "nf4.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 
@@ -97,6 +102,52 @@ PYBIND11_MODULE(_C, m) {
     build["cuda_runtime"] = std::string("");
 #endif
     m.attr("build_info") = build;
+
+    // Test hook of qk::parallel_for: runs it over [0, n), each index taking 100 us and adding 1
+    // to its hit count, through a parallel_for nested in each chunk when `nested`; index
+    // throw_at (-1: none) throws. Returns (hits, late, error): late counts the calls of fn still
+    // running when parallel_for came back or started in the 20 ms after; error is what it threw.
+    m.def(
+        "_parallel_for_probe",
+        [](int64_t n, int threads, int64_t throw_at, bool nested) {
+            if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
+            std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+            std::atomic<int> running{0}, started{0};
+            const auto visit = [&](int64_t begin, int64_t end) {
+                for (int64_t i = begin; i < end; ++i) {
+                    if (i == throw_at) throw std::runtime_error("parallel_for_probe: item " + std::to_string(i));
+                    std::this_thread::sleep_for(std::chrono::microseconds(100));
+                    ++hits[i];
+                }
+            };
+            std::string error;
+            int late;
+            {
+                py::gil_scoped_release unlocked;
+                try {
+                    qk::parallel_for(n, qk::kMinItemsPerThread, threads, [&](int64_t begin, int64_t end) {
+                        ++started;
+                        ++running;
+                        struct Leave {
+                            std::atomic<int>& running;
+                            ~Leave() { --running; }
+                        } leave{running};
+                        if (!nested) return visit(begin, end);
+                        qk::parallel_for(end - begin, qk::kMinItemsPerThread, threads,
+                                         [&](int64_t b, int64_t e) { visit(begin + b, begin + e); });
+                    });
+                } catch (const std::exception& e) {
+                    error = e.what();
+                }
+                const int running_at_return = running.load(), started_at_return = started.load();
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                late = running_at_return + (started.load() - started_at_return);
+            }
+            py::list counts;
+            for (const auto& h : hits) counts.append(h.load());
+            return py::make_tuple(counts, late, error.empty() ? py::object(py::none()) : py::object(py::str(error)));
+        },
+        arg("n"), arg("num_threads"), arg("throw_at") = -1, arg("nested") = false);
     bind_attention(m);
     bind_lora(m);
 }

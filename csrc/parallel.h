@@ -1,38 +1,35 @@
-// A minimal parallel-for over [0, n). Native code does not link libtorch or OpenMP, so the
-// caller passes torch.get_num_threads().
+// A parallel-for over [0, n) on one process-wide pool of worker threads (parallel.cpp). Native
+// code does not link libtorch or OpenMP, so the caller passes torch.get_num_threads().
 //
-// The range is cut into a few chunks per thread that the calling thread and num_threads - 1
-// helper threads claim from a shared counter; the call returns once every chunk is done, without
-// waiting for a helper that has not started yet. On a busy machine (torch's OpenMP workers spin
-// on the other cores for a while after each torch op) a fresh helper can take a scheduler slice
-// to start: the caller then claims the chunks itself instead of idling at a join, and a late
-// helper finds none left and exits (helpers are detached and share only the counter state).
+// The range is cut into a few chunks per thread that the calling thread and up to
+// num_threads - 1 pool workers claim from a shared counter. Workers are created on first need
+// (and when a call asks for more) and sleep between calls; the caller works from the start, so
+// a worker that wakes late (torch's OpenMP workers spin on the other cores for a while after
+// each torch op) finds fewer chunks or none, and the call never waits for one to start.
+//
+// Guarantees: when parallel_for returns or throws, no call of fn is running or will start; an
+// exception thrown by fn stops the unclaimed chunks and is rethrown to the caller; if worker
+// threads cannot be created (a PID limit), the call runs on those that exist, or inline. A call
+// made while the pool is busy (from inside fn, or from a second thread meanwhile) runs inline on
+// its own thread.
 #pragma once
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <exception>
-#include <memory>
-#include <mutex>
-#include <thread>
+#include <type_traits>
 
 namespace qk {
 
 // Below this much work per call, threads cost more than they save.
 constexpr int64_t kMinItemsPerThread = 1 << 15;
-// Chunks per thread: a helper that starts late still finds work to share.
+// Chunks per thread: a worker that starts late still finds work to share.
 constexpr int64_t kChunksPerThread = 4;
 
 namespace detail {
-struct ParallelState {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;  // under mutex
-    std::exception_ptr error;
-    std::mutex mutex;
-    std::condition_variable all_done;
-};
+// Calls chunk(context, c) once for every c in [0, count) on the calling thread and up to
+// threads - 1 pool workers; returns when every claimed chunk has finished, rethrowing the first
+// exception of a chunk.
+void run_chunks(int64_t count, int threads, void (*chunk)(void* context, int64_t c), void* context);
 }  // namespace detail
 
 template <typename Fn>
@@ -47,30 +44,11 @@ void parallel_for(int64_t n, int64_t items_per_unit, int num_threads, Fn&& fn) {
     const int64_t chunks = std::min(n, threads * kChunksPerThread);
     const int64_t chunk = (n + chunks - 1) / chunks;
     const int64_t count = (n + chunk - 1) / chunk;
-    auto state = std::make_shared<detail::ParallelState>();
-    // A claimed chunk always finishes before parallel_for returns (the caller waits for `done`),
-    // so `fn` and what it references outlive every call of it; a helper that claims nothing
-    // touches only `state`, which it co-owns.
-    auto run = [state, &fn, chunk, count, n]() {
-        for (;;) {
-            const int64_t c = state->next.fetch_add(1, std::memory_order_relaxed);
-            if (c >= count) return;
-            std::exception_ptr error;
-            try {
-                fn(c * chunk, std::min(n, (c + 1) * chunk));
-            } catch (...) {
-                error = std::current_exception();
-            }
-            std::lock_guard<std::mutex> lock(state->mutex);
-            if (error && !state->error) state->error = error;
-            if (++state->done == count) state->all_done.notify_all();
-        }
-    };
-    for (int64_t t = 1; t < threads; ++t) std::thread(run).detach();
-    run();
-    std::unique_lock<std::mutex> lock(state->mutex);
-    state->all_done.wait(lock, [&] { return state->done == count; });
-    if (state->error) std::rethrow_exception(state->error);
+    auto run_chunk = [&fn, chunk, n](int64_t c) { fn(c * chunk, std::min(n, (c + 1) * chunk)); };
+    using RunChunk = std::remove_reference_t<decltype(run_chunk)>;
+    detail::run_chunks(
+        count, static_cast<int>(threads), [](void* context, int64_t c) { (*static_cast<RunChunk*>(context))(c); },
+        &run_chunk);
 }
 
 }  // namespace qk
