@@ -1,6 +1,7 @@
 // Flash attention on the CPU: tiled online softmax in fp32, multithreaded with qk::parallel_for.
 // Memory is linear in the sequence length, never seqlen_q x seqlen_k: per thread, 64 x 64 tiles
-// plus fp32 copies of one kv head (and, in the backward, its dK / dV accumulators). No torch
+// plus fp32 copies of one kv head (in the backward, of one key split's blocks and their dK / dV
+// accumulators, plus the partial dQ buffers described at flash_attention_bwd_cpu). No torch
 // headers: callers pass raw pointers and element strides.
 //
 // Semantics are those of python/qlora_kernels/reference/attention.py:
@@ -75,13 +76,18 @@ struct AttentionGrads {
 // Writes args.out and args.lse. Throws std::invalid_argument on inconsistent sizes.
 void flash_attention_fwd_cpu(const AttentionArgs& args, int num_threads);
 
-// Reads args.out and args.lse (from the forward), writes grads.dq / dk / dv (and dsinks). Threads
-// own one (batch, kv head) each: dK / dV of that head and dQ of its query heads, so no atomics;
-// dsinks is summed over batches afterwards in a fixed order, so it does not depend on threads.
+// Reads args.out and args.lse (from the forward), writes grads.dq / dk / dv (and dsinks). Work
+// units are (batch, kv head, key split), so batch 1 with few kv heads still fills the threads: a
+// unit owns dK / dV of its key blocks and writes a partial dQ; partials and dsinks are summed
+// afterwards in a fixed order. Splits follow from the shape alone (more when batch * heads_kv is
+// below 16, at most 8), so the gradients are the same bits on any number of threads; the partial
+// dQ buffers take splits * heads_q * head_dim * 4 bytes per query token when there is more than one.
 void flash_attention_bwd_cpu(const AttentionArgs& args, const AttentionGrads& grads, int num_threads);
 
 // Diagnostics for tests and benchmarks. The number of (query block, key block) tile steps run
 // since the module loaded: it shows which work a call skips.
 int64_t flash_attention_cpu_tile_steps();
+// The number of backward work units (batch, kv head, key split) run since the module loaded.
+int64_t flash_attention_cpu_backward_units();
 
 }  // namespace qk

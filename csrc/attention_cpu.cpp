@@ -504,14 +504,13 @@ void for_each_item(int64_t items, int64_t work_per_item, int num_threads, Worker
     });
 }
 
-// One kv head's keys and values in fp32, in the layouts the tile steps read, converted on first
-// use. They serve every query block and every query head of the GQA group, so a worker converts
-// each key once rather than once per (query block, key block) pair. O(seqlen_k * head_dim).
+// One kv head's keys and values in fp32, in the layouts the forward's tile steps read, converted
+// on first use. They serve every query block and every query head of the GQA group, so a worker
+// converts each key once rather than once per (query block, key block) pair. O(seqlen_k * head_dim).
 template <DType kType>
 class KeyValueTiles {
    public:
-    KeyValueTiles(const AttentionArgs& a, bool for_backward)
-        : a_(a), backward_(for_backward), ld_(round_up(a.head_dim, kPanelCols)) {}
+    explicit KeyValueTiles(const AttentionArgs& a) : a_(a), ld_(round_up(a.head_dim, kPanelCols)) {}
 
     // Makes keys [0, key_end) of kv head hk of sequence b available.
     void prepare(int64_t b, const Sequence& seq, int64_t hk, int64_t key_end) {
@@ -522,12 +521,7 @@ class KeyValueTiles {
             ready_ = 0;
             const int64_t keys = round_up(seq.len_k, BLOCK_N);
             kt_.resize(keys * D);
-            if (backward_) {
-                k_.resize(keys * ld_);
-                vt_.resize(keys * D);
-            } else {
-                v_.resize(keys * ld_);
-            }
+            v_.resize(keys * ld_);
         }
         using T = typename Elem<kType>::T;
         for (; ready_ < key_end; ready_ += BLOCK_N) {
@@ -536,27 +530,19 @@ class KeyValueTiles {
             const T* k_rows = static_cast<const T*>(a_.k) + offset_of(a_, a_.k_strides, b, hk, token);
             const T* v_rows = static_cast<const T*>(a_.v) + offset_of(a_, a_.v_strides, b, hk, token);
             load_rows_transposed<kType>(k_rows, a_.k_strides.seq, keys, D, kt_.data() + ready_ * D);
-            if (backward_) {
-                load_rows<kType>(k_rows, a_.k_strides.seq, keys, BLOCK_N, D, ld_, 1.0f, k_.data() + ready_ * ld_);
-                load_rows_transposed<kType>(v_rows, a_.v_strides.seq, keys, D, vt_.data() + ready_ * D);
-            } else {
-                load_rows<kType>(v_rows, a_.v_strides.seq, keys, BLOCK_N, D, ld_, 1.0f, v_.data() + ready_ * ld_);
-            }
+            load_rows<kType>(v_rows, a_.v_strides.seq, keys, BLOCK_N, D, ld_, 1.0f, v_.data() + ready_ * ld_);
         }
     }
 
     // The key block starting at key0 (a multiple of BLOCK_N).
     const float* kt(int64_t key0) const { return kt_.data() + key0 * a_.head_dim; }  // [head_dim][BLOCK_N]
-    const float* k(int64_t key0) const { return k_.data() + key0 * ld_; }            // [BLOCK_N][ld]
     const float* v(int64_t key0) const { return v_.data() + key0 * ld_; }            // [BLOCK_N][ld]
-    const float* vt(int64_t key0) const { return vt_.data() + key0 * a_.head_dim; }  // [head_dim][BLOCK_N]
 
    private:
     const AttentionArgs& a_;
-    const bool backward_;  // K, K^T and V^T for the backward; K^T and V for the forward
     const int64_t ld_;
     int64_t batch_ = -1, head_ = -1, ready_ = 0;
-    std::vector<float> kt_, k_, v_, vt_;
+    std::vector<float> kt_, v_;
 };
 
 struct ForwardItem {
@@ -591,7 +577,7 @@ void forward(const AttentionArgs& a, int num_threads) {
 
     const int64_t work = BLOCK_M * std::max<int64_t>(a.seqlen_k, 1) * D;
     for_each_item(n_items, work, num_threads, [&](const auto& next_item) {
-        KeyValueTiles<kType> kv(a, /*for_backward=*/false);
+        KeyValueTiles<kType> kv(a);
         std::vector<float> q_tile(BLOCK_M * ld), scores(BLOCK_M * BLOCK_N), acc(BLOCK_M * ld), row_max(BLOCK_M),
             row_sum(BLOCK_M), key_bias(BLOCK_N);
         for (int64_t i = next_item(); i >= 0; i = next_item()) {
@@ -637,6 +623,66 @@ void forward(const AttentionArgs& a, int num_threads) {
     });
 }
 
+// The backward's work units are (sequence, kv head, key split): split s of `splits` owns key blocks
+// s, s + splits, s + 2 splits, ... of its sequence, interleaved so that under a causal mask or a
+// window every split gets as many long key columns (seen by many query rows) as short ones. A unit
+// writes dK / dV of its key blocks and, for every query row of its heads, a partial dQ summed over
+// its key blocks; the partials are summed afterwards in split order. The number of splits depends
+// on the shape only, never on num_threads, so the gradients are the same bits on any thread count.
+//
+// Splits give at least kBackwardUnits units where the key blocks allow it, at most kMaxKeySplits:
+// the partial dQ buffers take splits * heads_q * head_dim * 4 bytes per query token (none with one
+// split, which batch * heads_kv >= kBackwardUnits always gets).
+constexpr int64_t kBackwardUnits = 16;
+constexpr int64_t kMaxKeySplits = 8;
+
+int64_t key_splits_of(const AttentionArgs& a) {
+    int64_t longest = 0;
+    for (int64_t b = 0; b < a.batch; ++b) longest = std::max(longest, sequence_of(a, b).len_k);
+    const int64_t heads = std::max<int64_t>(a.batch * a.heads_kv, 1);
+    const int64_t wanted = (kBackwardUnits + heads - 1) / heads;
+    return std::clamp<int64_t>(std::min(wanted, (longest + BLOCK_N - 1) / BLOCK_N), 1, kMaxKeySplits);
+}
+
+std::atomic<int64_t> backward_units{0};
+
+// The key blocks of one split of one kv head in fp32, in the layouts the backward's tile steps
+// read; slot i holds key block split + i * splits. O(seqlen_k * head_dim / splits).
+template <DType kType>
+class KeySplitTiles {
+   public:
+    explicit KeySplitTiles(const AttentionArgs& a) : a_(a), ld_(round_up(a.head_dim, kPanelCols)) {}
+
+    void load(int64_t b, const Sequence& seq, int64_t hk, int64_t split, int64_t splits) {
+        using T = typename Elem<kType>::T;
+        const int64_t D = a_.head_dim, blocks = (seq.len_k + BLOCK_N - 1) / BLOCK_N;
+        slots_ = blocks > split ? (blocks - split + splits - 1) / splits : 0;
+        kt_.resize(slots_ * BLOCK_N * D);
+        k_.resize(slots_ * BLOCK_N * ld_);
+        vt_.resize(slots_ * BLOCK_N * D);
+        for (int64_t i = 0; i < slots_; ++i) {
+            const int64_t key0 = (split + i * splits) * BLOCK_N, keys = std::min(BLOCK_N, seq.len_k - key0);
+            const int64_t token = seq.first_k + key0;
+            const T* k_rows = static_cast<const T*>(a_.k) + offset_of(a_, a_.k_strides, b, hk, token);
+            const T* v_rows = static_cast<const T*>(a_.v) + offset_of(a_, a_.v_strides, b, hk, token);
+            load_rows_transposed<kType>(k_rows, a_.k_strides.seq, keys, D, kt_.data() + i * BLOCK_N * D);
+            load_rows<kType>(k_rows, a_.k_strides.seq, keys, BLOCK_N, D, ld_, 1.0f, k_.data() + i * BLOCK_N * ld_);
+            load_rows_transposed<kType>(v_rows, a_.v_strides.seq, keys, D, vt_.data() + i * BLOCK_N * D);
+        }
+    }
+
+    int64_t slots() const { return slots_; }
+    const float* kt(int64_t slot) const { return kt_.data() + slot * BLOCK_N * a_.head_dim; }  // [head_dim][BLOCK_N]
+    const float* k(int64_t slot) const { return k_.data() + slot * BLOCK_N * ld_; }            // [BLOCK_N][ld]
+    const float* vt(int64_t slot) const { return vt_.data() + slot * BLOCK_N * a_.head_dim; }  // [head_dim][BLOCK_N]
+
+   private:
+    const AttentionArgs& a_;
+    const int64_t ld_;
+    int64_t slots_ = 0;
+    std::vector<float> kt_, k_, vt_;
+};
+
 template <DType kType>
 void backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) {
     using T = typename Elem<kType>::T;
@@ -647,78 +693,119 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) 
     T* dk = static_cast<T*>(g.dk);
     T* dv = static_cast<T*>(g.dv);
     const int64_t D = a.head_dim, ld = round_up(D, kPanelCols), group = a.heads_q / a.heads_kv;
-    const int64_t items = a.batch * a.heads_kv;
+    const int64_t splits = key_splits_of(a);
+    const int64_t units = a.batch * a.heads_kv * splits;
     const BackwardStep step = backward_step();
-    // sum over the rows of sequence b of exp(sink[h] - lse) * delta at [b][h]: each written by the
-    // one item that owns (b, h / group), summed over b below in a fixed order
+    // dQ rows, dense [batch][heads_q][seqlen_q], varlen [heads_q][tokens]; with several splits, each
+    // split's partial dQ of every row (fp32, unscaled), summed below
+    const int64_t dq_rows = (a.cu_seqlens ? 1 : a.batch) * a.heads_q * a.seqlen_q;
+    std::vector<float> partial_dq(splits > 1 ? splits * dq_rows * D : 0);
+    // sum over the rows of sequence b of exp(sink[h] - lse) * delta at [b][h]: each written by split
+    // 0 of (b, h / group), summed over b below in a fixed order
     std::vector<double> sink_terms(a.sinks ? a.batch * a.heads_q : 0, 0.0);
 
-    const int64_t work = group * std::max<int64_t>(a.seqlen_q, 1) * std::max<int64_t>(a.seqlen_k, 1) * D;
-    for_each_item(items, work, num_threads, [&](const auto& next_item) {
-        KeyValueTiles<kType> kv(a, /*for_backward=*/true);
+    const int64_t work = group * std::max<int64_t>(a.seqlen_q, 1) * std::max<int64_t>(a.seqlen_k, 1) * D / splits;
+    for_each_item(units, work, num_threads, [&](const auto& next_item) {
+        KeySplitTiles<kType> kv(a);
         std::vector<float> q_tile(BLOCK_M * ld), dout_tile(BLOCK_M * ld), lse(BLOCK_M), delta(BLOCK_M),
             probs(BLOCK_M * BLOCK_N), dscores(BLOCK_M * BLOCK_N), dq_acc(BLOCK_M * ld), key_bias(BLOCK_N),
             softcap_grad(a.softcap > 0.0f ? BLOCK_M * BLOCK_N : 0), dk_acc, dv_acc;
-        for (int64_t item = next_item(); item >= 0; item = next_item()) {
-            const int64_t b = item / a.heads_kv, hk = item % a.heads_kv;
+        for (int64_t unit = next_item(); unit >= 0; unit = next_item()) {
+            const int64_t split = unit % splits, hk = unit / splits % a.heads_kv, b = unit / splits / a.heads_kv;
             const Sequence seq = sequence_of(a, b);
-            // dK / dV of the whole kv head in fp32, summed over its query heads: O(seqlen) memory
-            dk_acc.assign(round_up(seq.len_k, BLOCK_N) * ld, 0.0f);
-            dv_acc.assign(round_up(seq.len_k, BLOCK_N) * ld, 0.0f);
+            kv.load(b, seq, hk, split, splits);
+            // dK / dV of this split's key blocks in fp32, summed over the group's query heads
+            dk_acc.assign(kv.slots() * BLOCK_N * ld, 0.0f);
+            dv_acc.assign(kv.slots() * BLOCK_N * ld, 0.0f);
 
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
                 double sink_term = 0.0;
                 for (int64_t row0 = 0; row0 < seq.len_q; row0 += BLOCK_M) {
                     const int64_t rows = std::min(BLOCK_M, seq.len_q - row0), rows_padded = round_up(rows, kPanelRows);
                     const int64_t token = seq.first_q + row0;
-                    load_rows<kType>(q + offset_of(a, a.q_strides, b, h, token), a.q_strides.seq, rows, rows_padded,
-                                     D, ld, a.softmax_scale, q_tile.data());
-                    load_rows<kType>(dout + offset_of(a, g.dout_strides, b, h, token), g.dout_strides.seq, rows,
-                                     rows_padded, D, ld, 1.0f, dout_tile.data());
-                    const T* out_rows = out + offset_of(a, a.out_strides, b, h, token);
-                    const float* lse_rows = a.lse + offset_of(a, a.lse_strides, b, h, token);
-                    const float* dlse_rows = g.dlse ? g.dlse + offset_of(a, g.dlse_strides, b, h, token) : nullptr;
-                    bool any_key = false;
-                    for (int64_t r = 0; r < rows_padded; ++r) {
-                        const float row_lse = r < rows ? lse_rows[r * a.lse_strides.seq] : -kInf;
-                        any_key |= row_lse != -kInf;
-                        lse[r] = row_lse == -kInf ? kInf : row_lse;
-                        // delta from the stored (rounded) out, as FlashAttention-2 does; a gradient
-                        // into lse enters here (d lse / d s_j = p_j)
-                        float dot = 0.0f;
-                        if (r < rows) {
-                            const T* o = out_rows + r * a.out_strides.seq;
-                            for (int64_t i = 0; i < D; ++i) dot += dout_tile[r * ld + i] * Elem<kType>::load(o[i]);
-                            if (dlse_rows) dot -= dlse_rows[r * g.dlse_strides.seq];
-                            if (a.sinks && row_lse != -kInf)
-                                sink_term += std::exp(static_cast<double>(a.sinks[h]) - row_lse) * dot;
-                        }
-                        delta[r] = dot;
-                    }
+                    const KeyRange keys = key_range_of(a, seq, row0, rows);
+                    // this split's first key block in the range
+                    const int64_t first_block = keys.begin / BLOCK_N;
+                    const int64_t first_key0 = (first_block + (split - first_block % splits + splits) % splits) * BLOCK_N;
+                    const bool has_keys = first_key0 < keys.end;
                     std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-
-                    const KeyRange keys = any_key ? key_range_of(a, seq, row0, rows) : KeyRange{0, 0};
-                    kv.prepare(b, seq, hk, keys.end);
-                    for (int64_t key0 = keys.begin; key0 < keys.end; key0 += BLOCK_N) {
-                        step({q_tile.data(), dout_tile.data(), lse.data(), delta.data(), kv.k(key0), kv.kt(key0),
-                              kv.vt(key0), probs.data(), dscores.data(), dq_acc.data(), dk_acc.data() + key0 * ld,
-                              dv_acc.data() + key0 * ld, a.softcap > 0.0f ? softcap_grad.data() : nullptr,
-                              rows_padded, D, ld, score_bias_of(a, seq, b, h, row0, rows, key0, key_bias.data())});
+                    if (has_keys || (a.sinks && split == 0)) {
+                        load_rows<kType>(q + offset_of(a, a.q_strides, b, h, token), a.q_strides.seq, rows,
+                                         rows_padded, D, ld, a.softmax_scale, q_tile.data());
+                        load_rows<kType>(dout + offset_of(a, g.dout_strides, b, h, token), g.dout_strides.seq, rows,
+                                         rows_padded, D, ld, 1.0f, dout_tile.data());
+                        const T* out_rows = out + offset_of(a, a.out_strides, b, h, token);
+                        const float* lse_rows = a.lse + offset_of(a, a.lse_strides, b, h, token);
+                        const float* dlse_rows = g.dlse ? g.dlse + offset_of(a, g.dlse_strides, b, h, token) : nullptr;
+                        bool any_key = false;
+                        for (int64_t r = 0; r < rows_padded; ++r) {
+                            const float row_lse = r < rows ? lse_rows[r * a.lse_strides.seq] : -kInf;
+                            any_key |= row_lse != -kInf;
+                            lse[r] = row_lse == -kInf ? kInf : row_lse;
+                            // delta from the stored (rounded) out, as FlashAttention-2 does; a gradient
+                            // into lse enters here (d lse / d s_j = p_j)
+                            float dot = 0.0f;
+                            if (r < rows) {
+                                const T* o = out_rows + r * a.out_strides.seq;
+                                for (int64_t i = 0; i < D; ++i) dot += dout_tile[r * ld + i] * Elem<kType>::load(o[i]);
+                                if (dlse_rows) dot -= dlse_rows[r * g.dlse_strides.seq];
+                                if (a.sinks && split == 0 && row_lse != -kInf)
+                                    sink_term += std::exp(static_cast<double>(a.sinks[h]) - row_lse) * dot;
+                            }
+                            delta[r] = dot;
+                        }
+                        int64_t steps = 0;
+                        for (int64_t key0 = first_key0; any_key && key0 < keys.end; key0 += splits * BLOCK_N, ++steps) {
+                            const int64_t slot = key0 / BLOCK_N / splits;
+                            step({q_tile.data(), dout_tile.data(), lse.data(), delta.data(), kv.k(slot), kv.kt(slot),
+                                  kv.vt(slot), probs.data(), dscores.data(), dq_acc.data(),
+                                  dk_acc.data() + slot * BLOCK_N * ld, dv_acc.data() + slot * BLOCK_N * ld,
+                                  a.softcap > 0.0f ? softcap_grad.data() : nullptr, rows_padded, D, ld,
+                                  score_bias_of(a, seq, b, h, row0, rows, key0, key_bias.data())});
+                        }
+                        tile_steps.fetch_add(steps, std::memory_order_relaxed);
                     }
-                    tile_steps.fetch_add((keys.end - keys.begin + BLOCK_N - 1) / BLOCK_N, std::memory_order_relaxed);
-                    T* dq_rows = dq + offset_of(a, g.dq_strides, b, h, token);
-                    for (int64_t r = 0; r < rows; ++r)
-                        store_row<kType>(dq_acc.data() + r * ld, D, a.softmax_scale, dq_rows + r * g.dq_strides.seq);
+                    if (splits == 1) {
+                        T* dq_rows = dq + offset_of(a, g.dq_strides, b, h, token);
+                        for (int64_t r = 0; r < rows; ++r)
+                            store_row<kType>(dq_acc.data() + r * ld, D, a.softmax_scale, dq_rows + r * g.dq_strides.seq);
+                    } else {
+                        const int64_t row = (a.cu_seqlens ? h : b * a.heads_q + h) * a.seqlen_q + token;
+                        float* partial = partial_dq.data() + (split * dq_rows + row) * D;
+                        for (int64_t r = 0; r < rows; ++r)
+                            std::copy(dq_acc.data() + r * ld, dq_acc.data() + r * ld + D, partial + r * D);
+                    }
                 }
-                if (a.sinks) sink_terms[b * a.heads_q + h] = sink_term;
+                if (a.sinks && split == 0) sink_terms[b * a.heads_q + h] = sink_term;
             }
-            for (int64_t n = 0; n < seq.len_k; ++n) {
-                const int64_t token = seq.first_k + n;
-                store_row<kType>(dk_acc.data() + n * ld, D, 1.0f, dk + offset_of(a, g.dk_strides, b, hk, token));
-                store_row<kType>(dv_acc.data() + n * ld, D, 1.0f, dv + offset_of(a, g.dv_strides, b, hk, token));
+            for (int64_t i = 0; i < kv.slots(); ++i) {
+                const int64_t key0 = (split + i * splits) * BLOCK_N, keys = std::min(BLOCK_N, seq.len_k - key0);
+                for (int64_t n = 0; n < keys; ++n) {
+                    const int64_t token = seq.first_k + key0 + n;
+                    const float* dk_row = dk_acc.data() + (i * BLOCK_N + n) * ld;
+                    const float* dv_row = dv_acc.data() + (i * BLOCK_N + n) * ld;
+                    store_row<kType>(dk_row, D, 1.0f, dk + offset_of(a, g.dk_strides, b, hk, token));
+                    store_row<kType>(dv_row, D, 1.0f, dv + offset_of(a, g.dv_strides, b, hk, token));
+                }
             }
+            backward_units.fetch_add(1, std::memory_order_relaxed);
         }
     });
+    if (splits > 1) {
+        // dQ = softmax_scale * (the splits' partials summed in split order)
+        parallel_for(dq_rows, splits * D, num_threads, [&](int64_t begin, int64_t end) {
+            std::vector<float> sum(D);
+            for (int64_t row = begin; row < end; ++row) {
+                const float* partial = partial_dq.data() + row * D;
+                std::copy(partial, partial + D, sum.begin());
+                for (int64_t s = 1; s < splits; ++s)
+                    for (int64_t i = 0; i < D; ++i) sum[i] += partial[s * dq_rows * D + i];
+                const int64_t token = row % a.seqlen_q, h = row / a.seqlen_q % a.heads_q;
+                const int64_t b = a.cu_seqlens ? 0 : row / a.seqlen_q / a.heads_q;
+                store_row<kType>(sum.data(), D, a.softmax_scale, dq + offset_of(a, g.dq_strides, b, h, token));
+            }
+        });
+    }
     if (a.sinks) {
         // d lse / d sink = exp(sink - lse), so dsink = -sum over rows of exp(sink - lse) * delta
         for (int64_t h = 0; h < a.heads_q; ++h) {
@@ -753,5 +840,7 @@ void flash_attention_bwd_cpu(const AttentionArgs& args, const AttentionGrads& gr
 }
 
 int64_t flash_attention_cpu_tile_steps() { return tile_steps.load(std::memory_order_relaxed); }
+
+int64_t flash_attention_cpu_backward_units() { return backward_units.load(std::memory_order_relaxed); }
 
 }  // namespace qk

@@ -121,4 +121,6 @@ void bind_attention(py::module_& m) {
     m.def("flash_attention_cpu_tile_steps", &qk::flash_attention_cpu_tile_steps,
           "(query block, key block) tile steps the CPU attention kernels ran since load; differences show the "
           "work a call did");
+    m.def("flash_attention_cpu_backward_units", &qk::flash_attention_cpu_backward_units,
+          "(batch, kv head, key split) work units the CPU attention backward ran since load");
 }

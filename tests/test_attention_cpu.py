@@ -231,9 +231,68 @@ def test_thread_count_does_not_change_results(features):
     q, k, v = _qkv(1, 4, 2, 130, 130, 64)
     dout = torch.randn(q.shape)
     one = _kernel(q, k, v, dout, threads=1, **features)
-    for threads in (2, 3):
+    for threads in (2, 3, 8):
         many = _kernel(q, k, v, dout, threads=threads, **features)
         for x, y in zip(one, many):
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+def _backward_units(fn):
+    before = native().flash_attention_cpu_backward_units()
+    fn()
+    return native().flash_attention_cpu_backward_units() - before
+
+
+@pytest.mark.parametrize("B, Hkv, Sk, units", [(1, 1, 250, 4), (1, 1, 600, 8), (2, 2, 250, 16), (4, 4, 250, 16),
+                                               (1, 2, 40, 2)])
+def test_backward_units_follow_the_shape_not_the_threads(B, Hkv, Sk, units):
+    """The backward splits each kv head's keys until batch x kv heads x splits reaches 16 units, at
+    most 8 splits and one per 64-key block; never by the thread count, so its sums do not move."""
+    q, k, v = _qkv(B, 2 * Hkv, Hkv, 70, Sk, 16)
+    dout = torch.randn(q.shape)
+    for threads in (1, 2, 8):
+        with _num_threads(threads):
+            out, lse = flash_attention_fwd_cpu(q, k, v, causal=False)
+            assert _backward_units(lambda: flash_attention_bwd_cpu(dout, None, q, k, v, out, lse,
+                                                                   causal=False)) == units
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_batch_one_single_kv_head_split_over_keys(dtype, causal):
+    """Batch 1, one kv head, 4 key blocks: 4 units that each own a key block's dK / dV and a partial
+    dQ. Gradients match the reference and are the same bits on 1, 2 and 8 threads."""
+    q, k, v = _qkv(1, 4, 1, 230, 250, 64, dtype)
+    feats = dict(causal=causal, alibi_slopes=_alibi(4))
+    if dtype == torch.float32:
+        feats["sinks"] = torch.tensor([0.5, -1.0, 2.0, 0.0])
+        _check_fp32(q, k, v, **feats)
+    else:
+        _check_low_precision(q, k, v, **feats)
+    dout = torch.randn(q.shape).to(dtype)
+    runs = []
+    for threads in (1, 2, 8):
+        assert _backward_units(lambda: runs.append(_kernel(q, k, v, dout, threads=threads, **feats))) == 4
+    for run in runs[1:]:
+        for x, y in zip(runs[0], run):
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_with_fewer_key_blocks_than_splits(causal):
+    """Five splits (3 sequences x 1 kv head, the longest 5 key blocks): the short sequences leave
+    splits without keys, whose partial dQ is zero."""
+    lengths_q, lengths_k = (10, 300, 70), (20, 290, 70)
+    q, cu_q = _packed(lengths_q, 2, 32)
+    k, cu_k = _packed(lengths_k, 1, 32)
+    v = torch.randn(k.shape)
+    feats = dict(cu_seqlens=cu_q, cu_seqlens_k=cu_k, causal=causal, window=(100, -1), softcap=4.0,
+                 dlse=torch.randn(2, sum(lengths_q)))
+    assert _backward_units(lambda: _check_fp32(q, k, v, **feats)) == 3 * 5
+    dout = torch.randn(q.shape)
+    one = _kernel(q, k, v, dout, threads=1, **feats)
+    for threads in (2, 8):
+        for x, y in zip(one, _kernel(q, k, v, dout, threads=threads, **feats)):
             assert (x is None and y is None) or torch.equal(x, y)
 
 
@@ -462,5 +521,25 @@ def test_forward_memory_is_linear_in_sequence_length():
         _reset_peak_rss()
         before = _peak_rss()
         flash_attention_fwd_cpu(q, k, v, causal=False)
+        grown = _peak_rss() - before
+    assert grown < 4096 * 4096 * 4 // 4, grown
+
+
+def test_backward_memory_is_linear_in_sequence_length():
+    """Batch 1, one kv head, Sq = Sk = 4096: 8 key splits, whose partial dQ buffers take
+    8 * 4 bytes per query token and head_dim (2 MiB here); an S x S fp32 matrix would be 64 MiB."""
+    try:
+        _reset_peak_rss()
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here")
+    q, k, v = (torch.randn(1, 1, 4096, 16) for _ in range(3))
+    dout = torch.randn(q.shape)
+    with _num_threads(2):
+        out, lse = flash_attention_fwd_cpu(q, k, v)
+        short = [t[..., :64, :] for t in (dout, q, k, v, out)]
+        flash_attention_bwd_cpu(short[0], None, *short[1:], lse[..., :64])  # starts up what runs once
+        _reset_peak_rss()
+        before = _peak_rss()
+        flash_attention_bwd_cpu(dout, None, q, k, v, out, lse)
         grown = _peak_rss() - before
     assert grown < 4096 * 4096 * 4 // 4, grown
