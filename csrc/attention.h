@@ -79,9 +79,10 @@ void flash_attention_fwd_cpu(const AttentionArgs& args, int num_threads);
 // Reads args.out and args.lse (from the forward), writes grads.dq / dk / dv (and dsinks). Work
 // units are (batch, kv head, key split), so batch 1 with few kv heads still fills the threads: a
 // unit owns dK / dV of its key blocks and writes a partial dQ; partials and dsinks are summed
-// afterwards in a fixed order. Splits follow from the shape alone (more when batch * heads_kv is
-// below 16, at most 8), so the gradients are the same bits on any number of threads; the partial
-// dQ buffers take splits * heads_q * head_dim * 4 bytes per query token when there is more than one.
+// afterwards in a fixed order. Splits follow from the shape alone (up to 16 units; at most 8
+// splits of at least 256 keys), so the gradients are the same bits on any number of threads. With
+// more than one split, the partial dQ buffers take splits * heads_q * head_dim * 4 bytes per query
+// token (at most 64 MiB), kept per calling thread for its next call.
 void flash_attention_bwd_cpu(const AttentionArgs& args, const AttentionGrads& grads, int num_threads);
 
 // Diagnostics for tests and benchmarks. The number of (query block, key block) tile steps run

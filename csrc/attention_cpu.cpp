@@ -630,18 +630,26 @@ void forward(const AttentionArgs& a, int num_threads) {
 // its key blocks; the partials are summed afterwards in split order. The number of splits depends
 // on the shape only, never on num_threads, so the gradients are the same bits on any thread count.
 //
-// Splits give at least kBackwardUnits units where the key blocks allow it, at most kMaxKeySplits:
-// the partial dQ buffers take splits * heads_q * head_dim * 4 bytes per query token (none with one
-// split, which batch * heads_kv >= kBackwardUnits always gets).
+// Splits give at least kBackwardUnits units where the keys allow it: at most kMaxKeySplits, at
+// least kMinKeyBlocksPerSplit key blocks each (a split loads the query tiles of every query block
+// it serves, which fewer key blocks amortize worse), and partial dQ buffers of at most
+// kMaxPartialBytes. One split (batch * heads_kv >= kBackwardUnits, or short keys) needs no buffer.
 constexpr int64_t kBackwardUnits = 16;
 constexpr int64_t kMaxKeySplits = 8;
+constexpr int64_t kMinKeyBlocksPerSplit = 4;
+constexpr int64_t kMaxPartialBytes = int64_t{64} << 20;
+
+// dQ rows: dense [batch][heads_q][seqlen_q], varlen [heads_q][tokens]
+int64_t query_rows_of(const AttentionArgs& a) { return (a.cu_seqlens ? 1 : a.batch) * a.heads_q * a.seqlen_q; }
 
 int64_t key_splits_of(const AttentionArgs& a) {
     int64_t longest = 0;
     for (int64_t b = 0; b < a.batch; ++b) longest = std::max(longest, sequence_of(a, b).len_k);
     const int64_t heads = std::max<int64_t>(a.batch * a.heads_kv, 1);
     const int64_t wanted = (kBackwardUnits + heads - 1) / heads;
-    return std::clamp<int64_t>(std::min(wanted, (longest + BLOCK_N - 1) / BLOCK_N), 1, kMaxKeySplits);
+    const int64_t by_keys = (longest + BLOCK_N - 1) / BLOCK_N / kMinKeyBlocksPerSplit;
+    const int64_t by_memory = kMaxPartialBytes / std::max<int64_t>(query_rows_of(a) * a.head_dim * 4, 1);
+    return std::clamp<int64_t>(std::min({wanted, by_keys, by_memory}), 1, kMaxKeySplits);
 }
 
 std::atomic<int64_t> backward_units{0};
@@ -696,13 +704,48 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) 
     const int64_t splits = key_splits_of(a);
     const int64_t units = a.batch * a.heads_kv * splits;
     const BackwardStep step = backward_step();
-    // dQ rows, dense [batch][heads_q][seqlen_q], varlen [heads_q][tokens]; with several splits, each
-    // split's partial dQ of every row (fp32, unscaled), summed below
-    const int64_t dq_rows = (a.cu_seqlens ? 1 : a.batch) * a.heads_q * a.seqlen_q;
-    std::vector<float> partial_dq(splits > 1 ? splits * dq_rows * D : 0);
-    // sum over the rows of sequence b of exp(sink[h] - lse) * delta at [b][h]: each written by split
-    // 0 of (b, h / group), summed over b below in a fixed order
+    // The layout of delta and, with several splits, of each split's partial dQ (fp32, unscaled),
+    // summed below.
+    const int64_t dq_rows = query_rows_of(a);
+    const auto first_row_of = [&](int64_t b, int64_t h) {
+        return (a.cu_seqlens ? h : b * a.heads_q + h) * a.seqlen_q + sequence_of(a, b).first_q;
+    };
+    // Kept for the calling thread's next call: a fresh buffer costs more in page faults than the
+    // splits' sums (training calls the backward with the same shapes layer after layer).
+    // (a reference: the workers must reach the calling thread's buffer, not their own)
+    thread_local std::vector<float> partial_dq_of_thread;
+    std::vector<float>& partial_dq = partial_dq_of_thread;
+    if (splits > 1 && partial_dq.size() < static_cast<size_t>(splits * dq_rows * D)) partial_dq.resize(splits * dq_rows * D);
+    // delta = rowsum(dO * out) - dlse once per row rather than once per split; and, per (b, h), the
+    // sum over the rows of sequence b of exp(sink[h] - lse) * delta, summed over b below in a fixed order
+    std::vector<float> delta_rows(dq_rows);
     std::vector<double> sink_terms(a.sinks ? a.batch * a.heads_q : 0, 0.0);
+    const int64_t heads = a.batch * a.heads_q;
+    parallel_for(heads, dq_rows / std::max<int64_t>(heads, 1) * D, num_threads, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+            const int64_t b = bh / a.heads_q, h = bh % a.heads_q;
+            const Sequence seq = sequence_of(a, b);
+            const T* out_rows = out + offset_of(a, a.out_strides, b, h, seq.first_q);
+            const T* dout_rows = dout + offset_of(a, g.dout_strides, b, h, seq.first_q);
+            const float* lse_rows = a.lse + offset_of(a, a.lse_strides, b, h, seq.first_q);
+            const float* dlse_rows = g.dlse ? g.dlse + offset_of(a, g.dlse_strides, b, h, seq.first_q) : nullptr;
+            float* delta = delta_rows.data() + first_row_of(b, h);
+            double sink_term = 0.0;
+            for (int64_t r = 0; r < seq.len_q; ++r) {
+                // delta from the stored (rounded) out, as FlashAttention-2 does; a gradient into lse
+                // enters here (d lse / d s_j = p_j)
+                const T* o = out_rows + r * a.out_strides.seq;
+                const T* d_o = dout_rows + r * g.dout_strides.seq;
+                float dot = 0.0f;
+                for (int64_t i = 0; i < D; ++i) dot += Elem<kType>::load(d_o[i]) * Elem<kType>::load(o[i]);
+                if (dlse_rows) dot -= dlse_rows[r * g.dlse_strides.seq];
+                const float row_lse = lse_rows[r * a.lse_strides.seq];
+                if (a.sinks && row_lse != -kInf) sink_term += std::exp(static_cast<double>(a.sinks[h]) - row_lse) * dot;
+                delta[r] = dot;
+            }
+            if (a.sinks) sink_terms[bh] = sink_term;
+        }
+    });
 
     const int64_t work = group * std::max<int64_t>(a.seqlen_q, 1) * std::max<int64_t>(a.seqlen_k, 1) * D / splits;
     for_each_item(units, work, num_threads, [&](const auto& next_item) {
@@ -719,7 +762,6 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) 
             dv_acc.assign(kv.slots() * BLOCK_N * ld, 0.0f);
 
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-                double sink_term = 0.0;
                 for (int64_t row0 = 0; row0 < seq.len_q; row0 += BLOCK_M) {
                     const int64_t rows = std::min(BLOCK_M, seq.len_q - row0), rows_padded = round_up(rows, kPanelRows);
                     const int64_t token = seq.first_q + row0;
@@ -729,30 +771,19 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) 
                     const int64_t first_key0 = (first_block + (split - first_block % splits + splits) % splits) * BLOCK_N;
                     const bool has_keys = first_key0 < keys.end;
                     std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-                    if (has_keys || (a.sinks && split == 0)) {
+                    if (has_keys) {
                         load_rows<kType>(q + offset_of(a, a.q_strides, b, h, token), a.q_strides.seq, rows,
                                          rows_padded, D, ld, a.softmax_scale, q_tile.data());
                         load_rows<kType>(dout + offset_of(a, g.dout_strides, b, h, token), g.dout_strides.seq, rows,
                                          rows_padded, D, ld, 1.0f, dout_tile.data());
-                        const T* out_rows = out + offset_of(a, a.out_strides, b, h, token);
                         const float* lse_rows = a.lse + offset_of(a, a.lse_strides, b, h, token);
-                        const float* dlse_rows = g.dlse ? g.dlse + offset_of(a, g.dlse_strides, b, h, token) : nullptr;
+                        const float* delta_of_rows = delta_rows.data() + first_row_of(b, h) + row0;
                         bool any_key = false;
                         for (int64_t r = 0; r < rows_padded; ++r) {
                             const float row_lse = r < rows ? lse_rows[r * a.lse_strides.seq] : -kInf;
                             any_key |= row_lse != -kInf;
                             lse[r] = row_lse == -kInf ? kInf : row_lse;
-                            // delta from the stored (rounded) out, as FlashAttention-2 does; a gradient
-                            // into lse enters here (d lse / d s_j = p_j)
-                            float dot = 0.0f;
-                            if (r < rows) {
-                                const T* o = out_rows + r * a.out_strides.seq;
-                                for (int64_t i = 0; i < D; ++i) dot += dout_tile[r * ld + i] * Elem<kType>::load(o[i]);
-                                if (dlse_rows) dot -= dlse_rows[r * g.dlse_strides.seq];
-                                if (a.sinks && split == 0 && row_lse != -kInf)
-                                    sink_term += std::exp(static_cast<double>(a.sinks[h]) - row_lse) * dot;
-                            }
-                            delta[r] = dot;
+                            delta[r] = r < rows ? delta_of_rows[r] : 0.0f;
                         }
                         int64_t steps = 0;
                         for (int64_t key0 = first_key0; any_key && key0 < keys.end; key0 += splits * BLOCK_N, ++steps) {
@@ -766,17 +797,15 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) 
                         tile_steps.fetch_add(steps, std::memory_order_relaxed);
                     }
                     if (splits == 1) {
-                        T* dq_rows = dq + offset_of(a, g.dq_strides, b, h, token);
+                        T* dq_out = dq + offset_of(a, g.dq_strides, b, h, token);
                         for (int64_t r = 0; r < rows; ++r)
-                            store_row<kType>(dq_acc.data() + r * ld, D, a.softmax_scale, dq_rows + r * g.dq_strides.seq);
+                            store_row<kType>(dq_acc.data() + r * ld, D, a.softmax_scale, dq_out + r * g.dq_strides.seq);
                     } else {
-                        const int64_t row = (a.cu_seqlens ? h : b * a.heads_q + h) * a.seqlen_q + token;
-                        float* partial = partial_dq.data() + (split * dq_rows + row) * D;
+                        float* partial = partial_dq.data() + (split * dq_rows + first_row_of(b, h) + row0) * D;
                         for (int64_t r = 0; r < rows; ++r)
                             std::copy(dq_acc.data() + r * ld, dq_acc.data() + r * ld + D, partial + r * D);
                     }
                 }
-                if (a.sinks && split == 0) sink_terms[b * a.heads_q + h] = sink_term;
             }
             for (int64_t i = 0; i < kv.slots(); ++i) {
                 const int64_t key0 = (split + i * splits) * BLOCK_N, keys = std::min(BLOCK_N, seq.len_k - key0);

@@ -243,11 +243,11 @@ def _backward_units(fn):
     return native().flash_attention_cpu_backward_units() - before
 
 
-@pytest.mark.parametrize("B, Hkv, Sk, units", [(1, 1, 250, 4), (1, 1, 600, 8), (2, 2, 250, 16), (4, 4, 250, 16),
-                                               (1, 2, 40, 2)])
+@pytest.mark.parametrize("B, Hkv, Sk, units", [(1, 1, 250, 1), (1, 1, 600, 2), (1, 1, 2100, 8), (2, 2, 1100, 16),
+                                               (4, 4, 1100, 16), (1, 2, 40, 2)])
 def test_backward_units_follow_the_shape_not_the_threads(B, Hkv, Sk, units):
     """The backward splits each kv head's keys until batch x kv heads x splits reaches 16 units, at
-    most 8 splits and one per 64-key block; never by the thread count, so its sums do not move."""
+    most 8 splits of at least four 64-key blocks; never by the thread count, so its sums do not move."""
     q, k, v = _qkv(B, 2 * Hkv, Hkv, 70, Sk, 16)
     dout = torch.randn(q.shape)
     for threads in (1, 2, 8):
@@ -260,12 +260,12 @@ def test_backward_units_follow_the_shape_not_the_threads(B, Hkv, Sk, units):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_batch_one_single_kv_head_split_over_keys(dtype, causal):
-    """Batch 1, one kv head, 4 key blocks: 4 units that each own a key block's dK / dV and a partial
-    dQ. Gradients match the reference and are the same bits on 1, 2 and 8 threads."""
-    q, k, v = _qkv(1, 4, 1, 230, 250, 64, dtype)
+    """Batch 1, one kv head, 17 key blocks: 4 units that each own the dK / dV of every fourth key
+    block and a partial dQ. Gradients match the reference and are the same bits on 1, 2 and 8 threads."""
+    q, k, v = _qkv(1, 4, 1, 230, 1030, 64, dtype)
     feats = dict(causal=causal, alibi_slopes=_alibi(4))
     if dtype == torch.float32:
-        feats["sinks"] = torch.tensor([0.5, -1.0, 2.0, 0.0])
+        feats.update(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), key_padding_mask=torch.rand(1, 1030) > 0.2)
         _check_fp32(q, k, v, **feats)
     else:
         _check_low_precision(q, k, v, **feats)
@@ -280,9 +280,9 @@ def test_batch_one_single_kv_head_split_over_keys(dtype, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_with_fewer_key_blocks_than_splits(causal):
-    """Five splits (3 sequences x 1 kv head, the longest 5 key blocks): the short sequences leave
+    """Five splits (3 sequences x 1 kv head, the longest 21 key blocks): the short sequences leave
     splits without keys, whose partial dQ is zero."""
-    lengths_q, lengths_k = (10, 300, 70), (20, 290, 70)
+    lengths_q, lengths_k = (10, 300, 70), (20, 1290, 70)
     q, cu_q = _packed(lengths_q, 2, 32)
     k, cu_k = _packed(lengths_k, 1, 32)
     v = torch.randn(k.shape)
