@@ -4,7 +4,7 @@
 // Per block, the 16 possible weights NF4[c] * absmax, rounded to the dtype, are computed into two
 // registers of 8 fp32; 8 codes are looked up with two vpermps and a blend on the code's bit 3,
 // and each looked-up group of weights is used for every row of x (register blocking over M) in
-// fp32 FMAs against x_f32. A row may start inside a block or a byte: it is walked in segments of
+// fp32 FMAs against x (x_rows). A row may start inside a block or a byte: it is walked in segments of
 // one block, 32 weights at a time, the rest of a segment and an odd first weight one by one.
 #if defined(__x86_64__)
 
@@ -108,7 +108,7 @@ template <DType kDtype, int kRows>
 QK_AVX2 void rows_fp32(const Args& a, int64_t n_begin, int64_t n_end) {
     // independent sums per row: FMA latency, not throughput, would bound a few rows of x
     constexpr int kSets = kRows <= 2 ? 4 : kRows <= 4 ? 2 : 1;
-    const int64_t K = a.K;
+    const int64_t K = a.K, ld = a.x_stride;
     const __m128i nibble = _mm_set1_epi8(0x0F);
     AbsmaxCursor absmax(a);
     for (int64_t n = n_begin; n < n_end; ++n) {
@@ -118,10 +118,10 @@ QK_AVX2 void rows_fp32(const Args& a, int64_t n_begin, int64_t n_end) {
         float dot[kRows] = {};
         int64_t i = n * K;  // flat index of W's next weight
         const int64_t end = i + K;
-        const float* x = a.x_f32 - i;  // x[m * K + i]: row m's input for weight i
+        const float* x = static_cast<const float*>(a.x_rows) - i;  // x[m * ld + i]: row m's input for weight i
         if (i & 1) {
             const float w = weight_at(a, absmax, i);
-            for (int m = 0; m < kRows; ++m) dot[m] = x[m * K + i] * w;
+            for (int m = 0; m < kRows; ++m) dot[m] = x[m * ld + i] * w;
             ++i;
         }
         while (i < end) {
@@ -138,7 +138,7 @@ QK_AVX2 void rows_fp32(const Args& a, int64_t n_begin, int64_t n_end) {
                 for (int m = 0; m < kRows; ++m)
 #pragma GCC unroll 4
                     for (int g = 0; g < 4; ++g)
-                        acc[m][g % kSets] = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(x + m * K + i + 8 * g), acc[m][g % kSets]);
+                        acc[m][g % kSets] = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(x + m * ld + i + 8 * g), acc[m][g % kSets]);
             }
             if (i < segment_end) {
                 alignas(32) float weights[kNF4Codes];
@@ -147,7 +147,7 @@ QK_AVX2 void rows_fp32(const Args& a, int64_t n_begin, int64_t n_end) {
                 for (; i < segment_end; ++i) {
                     const uint8_t byte = a.packed[i / 2];
                     const float w = weights[i % 2 ? byte & 0xF : byte >> 4];
-                    for (int m = 0; m < kRows; ++m) dot[m] += x[m * K + i] * w;
+                    for (int m = 0; m < kRows; ++m) dot[m] += x[m * ld + i] * w;
                 }
             }
         }

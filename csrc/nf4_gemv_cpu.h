@@ -16,7 +16,8 @@ inline constexpr float kNF4[kNF4Codes] = QK_NF4_VALUES;
 
 struct Args {
     const void* x;       // [M, K] in dtype
-    const float* x_f32;  // x as fp32 (the paths that multiply in fp32), else null
+    const void* x_rows;  // x as the SIMD kernels read it (fp32, or bf16 for AVX512-BF16), row m at m * x_stride
+    int64_t x_stride;
     DType dtype;
     int64_t M, K;
     const uint8_t* packed;
@@ -96,10 +97,12 @@ inline float weight_at(const Args& a, AbsmaxCursor& absmax, int64_t i) {
 }
 
 // Row kernels: y[:, n] for n in [n_begin, n_end), bias and LoRA term included. The AVX2 and
-// AVX-512 ones read x as x_f32; the AVX512-BF16 one takes bf16 only and reads x as it is.
+// AVX-512 ones read x from x_rows in fp32; the AVX512-BF16 one takes bf16 only, x_rows in bf16.
 void gemv_rows_avx2(const Args& a, int64_t n_begin, int64_t n_end);
 void gemv_rows_avx512(const Args& a, int64_t n_begin, int64_t n_end);
 void gemv_rows_avx512bf16(const Args& a, int64_t n_begin, int64_t n_end);
+// Most rows of x the AVX512-BF16 kernel takes; more go to the AVX-512 one.
+inline constexpr int64_t kBf16PairsMaxRows = 8;
 
 // fp16 to fp32 with F16C (any AVX2 level).
 void fp16_to_float_f16c(const uint16_t* src, int64_t n, float* dst);
