@@ -1,8 +1,9 @@
-"""QLORA_KERNELS_CPU_ISA: the CPU kernels on their baseline code paths.
+"""QLORA_KERNELS_CPU_ISA: the CPU kernels on each of their code paths.
 
-A CPU with AVX2 never takes the portable paths by itself (the scalar NF4 quantize and lookup, the
-attention tile steps without AVX2 + FMA); with QLORA_KERNELS_CPU_ISA=baseline every CPU kernel
-does. The variable is read once, when _C loads, so these checks run in fresh processes.
+A CPU with AVX-512 never takes the narrower paths by itself (the AVX2 or portable GEMV, the scalar
+NF4 quantize and lookup, the attention tile steps without AVX2 + FMA); QLORA_KERNELS_CPU_ISA names
+the level every CPU kernel runs on instead. The variable is read once, when _C loads, so these
+checks run in fresh processes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.skipif(native() is None, reason="native module not buil
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIABLE = "QLORA_KERNELS_CPU_ISA"
+LEVELS = ("baseline", "ssse3", "avx2", "avx512", "avx512bf16")  # each includes the ones before it
 
 
 def _widest_isa() -> str:
@@ -30,10 +32,16 @@ def _widest_isa() -> str:
     if platform.machine() not in ("x86_64", "AMD64"):
         return "baseline"
     with open("/proc/cpuinfo") as f:
-        flags = next((line.split() for line in f if line.startswith("flags")), [])
-    if "avx2" in flags and "fma" in flags:
+        flags = set(next((line.split() for line in f if line.startswith("flags")), []))
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512bf16" if "avx512_bf16" in flags else "avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "ssse3" if "ssse3" in flags else "baseline"
+
+
+def _supported(level: str) -> bool:
+    return LEVELS.index(level) <= LEVELS.index(_widest_isa())
 
 
 def _python(code: str, setting: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -43,25 +51,70 @@ def _python(code: str, setting: str, timeout: int = 300) -> subprocess.Completed
 
 
 def test_reported_isa_follows_the_variable():
-    """build_info["cpu_isa"] is the level the kernels run: baseline when asked, else the widest
-    this CPU supports. Also run under QLORA_KERNELS_CPU_ISA=baseline by the test below."""
-    want = "baseline" if os.environ.get(VARIABLE) == "baseline" else _widest_isa()
+    """build_info["cpu_isa"] is the level the kernels run: the one asked for, else the widest this
+    CPU supports. Also run under QLORA_KERNELS_CPU_ISA=baseline by the test below."""
+    setting = os.environ.get(VARIABLE, "")
+    want = _widest_isa() if setting in ("", "auto") else setting
     assert native().build_info["cpu_isa"] == want
 
 
-@pytest.mark.parametrize("setting, isa", [("auto", _widest_isa()), ("", _widest_isa()), ("baseline", "baseline")])
-def test_each_setting_gives_its_isa(setting, isa):
+@pytest.mark.parametrize("setting", ("auto", "") + LEVELS)
+def test_each_setting_gives_its_isa_or_is_refused(setting):
+    """A level the CPU has is the level the kernels run; one it lacks fails the import, naming the
+    widest it has (never a silent fallback to a narrower path)."""
     proc = _python("import qlora_kernels._C as C; print(C.build_info['cpu_isa'])", setting)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [isa]
+    if setting in ("auto", ""):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [_widest_isa()]
+    elif _supported(setting):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [setting]
+    else:
+        assert proc.returncode != 0
+        assert f"{VARIABLE}='{setting}' asks for an instruction set this CPU lacks; it supports up to " \
+               f"'{_widest_isa()}'" in proc.stderr
 
 
-@pytest.mark.parametrize("setting", ["avx512", "Baseline", "sse2"])
+@pytest.mark.parametrize("setting", ["AVX2", "Baseline", "sse2", "avx512f"])
 def test_an_unknown_setting_fails_the_import(setting):
     proc = _python("import qlora_kernels._C", setting)
     assert proc.returncode != 0
-    assert f"{VARIABLE} must be 'auto' (the widest instruction set this CPU supports) or 'baseline'" in proc.stderr
+    assert f"{VARIABLE} must be 'auto' (the widest instruction set this CPU supports), 'baseline'" in proc.stderr
     assert f"got '{setting}'" in proc.stderr
+
+
+# A cut of tests/test_lora_gemv_cpu.py (its own test functions) for one level: weights bit for bit,
+# outputs within the 2x rule, on the layouts each kernel treats apart (odd K, rows starting inside a
+# block or a byte, K tiles, blocksizes 64 to 4096), 1 to 16 rows of x (AVX512-BF16 takes up to 8).
+_GEMV_CHECKS = """
+import sys
+import torch
+sys.path.insert(0, "tests")
+import test_lora_gemv_cpu as t
+cases = 0
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for double_quant in (False, True):
+        for shape, blocksize in (((37, 301), 64), ((300, 33), 128)):
+            t.test_weights_are_those_of_the_reference_bit_for_bit(shape, blocksize, double_quant, dtype)
+            cases += 1
+    for M in (1, 5, 16):
+        t.test_as_accurate_as_plain_torch(M, 16, True, dtype)
+        cases += 1
+for blocksize in (256, 4096):
+    t.test_every_blocksize_and_layout(blocksize, True, (17, 1000))
+    cases += 1
+t.test_nan_absmax_propagates_to_its_rows_only(True)
+print(cases)
+"""
+
+
+@pytest.mark.parametrize("level", [level for level in LEVELS if _supported(level) and level != "ssse3"])
+def test_gemv_on_every_level(level):
+    """The decode GEMV on each code path this CPU can run (portable, AVX2 + FMA, AVX-512,
+    AVX512-BF16; SSSE3 runs the portable one), each in a process of its own."""
+    proc = _python(_GEMV_CHECKS, level)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "23"
 
 
 def test_cpu_kernel_checks_pass_on_the_baseline_isa():
@@ -89,7 +142,7 @@ torch.save(flash_attention_fwd_cpu(q, k, v, causal=True, softcap=3.0, alibi_slop
 """
 
 
-@pytest.mark.skipif(native() is None or native().build_info["cpu_isa"] != "avx2",
+@pytest.mark.skipif(native() is None or native().build_info["cpu_isa"] in ("baseline", "ssse3"),
                     reason="this process runs the attention steps without AVX2 + FMA already")
 def test_baseline_attention_steps_round_differently(tmp_path):
     """The kernels follow the variable, not only the report: the AVX2 steps fuse multiply-adds (one
@@ -110,7 +163,7 @@ def test_baseline_attention_steps_round_differently(tmp_path):
 def test_an_unknown_setting_fails_the_package_import_instead_of_falling_back():
     """A bad setting is the user's to fix: `import qlora_kernels` raises it rather than warning that
     _C is not built and running the slow reference."""
-    proc = _python("import qlora_kernels", "avx512")
+    proc = _python("import qlora_kernels", "avx1024")
     assert proc.returncode != 0
     assert f"{VARIABLE} must be 'auto'" in proc.stderr and "not built" not in proc.stderr
 
