@@ -19,7 +19,8 @@ _cuda_kernels_usable: bool | None = None
 # The oldest Linux driver of each CUDA major release. A CUDA runtime runs on any driver of its
 # own major release or newer (minor version compatibility), and on no older one.
 MIN_DRIVER_FOR_CUDA = {11: 450, 12: 525, 13: 580}
-# read by _C when it loads: "auto" (the widest SIMD the CPU has) or "baseline" (none)
+# read by _C when it loads: "auto" (the widest SIMD the CPU has) or a level it has: "baseline"
+# (none), "ssse3", "avx2", "avx512", "avx512bf16"
 ISA_SWITCH = "QLORA_KERNELS_CPU_ISA"
 
 
