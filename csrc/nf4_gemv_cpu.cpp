@@ -69,20 +69,22 @@ void gemv_rows_portable(const Args& a, int64_t n_begin, int64_t n_end) {
 // calling thread kept between calls (a fresh one would cost page faults on every call). Rows are
 // padded to a stride 64 bytes past a multiple of 64: at a stride of a multiple of 4 KiB (K = 4096)
 // the rows' lines of one k fall into one L1 set, and 16 rows of x evict each other.
+// The buffer starts on a cache line, so that the kernels' 64-byte loads of x never straddle two.
 void copy_x_rows(Args& a, bool as_bf16) {
     thread_local std::vector<float> buffer;
     const int64_t per_line = as_bf16 ? 32 : 16;
     a.x_stride = (a.K + per_line - 1) / per_line * per_line + per_line;
-    const size_t floats = static_cast<size_t>(a.M * a.x_stride) / (as_bf16 ? 2 : 1);
+    const size_t floats = static_cast<size_t>(a.M * a.x_stride) / (as_bf16 ? 2 : 1) + 16;
     if (buffer.size() < floats) buffer.resize(floats);
-    a.x_rows = buffer.data();
+    float* start = buffer.data() + (16 - reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) % 16) % 16;
+    a.x_rows = start;
     for (int64_t m = 0; m < a.M; ++m) {
         if (as_bf16) {
-            std::memcpy(reinterpret_cast<uint16_t*>(buffer.data()) + m * a.x_stride,
+            std::memcpy(reinterpret_cast<uint16_t*>(start) + m * a.x_stride,
                         static_cast<const uint16_t*>(a.x) + m * a.K, static_cast<size_t>(a.K) * 2);
             continue;
         }
-        float* row = buffer.data() + m * a.x_stride;
+        float* row = start + m * a.x_stride;
         const float* f32 = static_cast<const float*>(a.x) + m * a.K;
         const uint16_t* h = static_cast<const uint16_t*>(a.x) + m * a.K;
         switch (a.dtype) {
