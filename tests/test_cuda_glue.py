@@ -439,3 +439,17 @@ def test_nf4_linear_on_the_gpu_within_twice_the_references_error(M):
     stock_y = torch.nn.functional.linear(x.detach(), W, linear.bias)
     for got, stock, exact in ((y, stock_y, exact_y), (dx, dy @ W, dy.double() @ W.double())):
         assert (got.double() - exact).abs().max() <= 2 * (stock.double() - exact).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("gemv", [True, False])
+def test_nf4_linear_direct_inference_is_the_ops_gemv(gemv, current_device, monkeypatch):
+    """NF4Linear's inference path without the op's dispatch: the op's own GEMV call where
+    `_gemv_applies`, on the inputs' device; None (the op runs) where it does not."""
+    seen = []
+    monkeypatch.setattr(glue, "_gemv_applies", lambda x, state, dropout_p: gemv and dropout_p == 0.0)
+    monkeypatch.setattr(glue, "lora_gemv_cuda", _recording(seen, current_device, lambda *args: ("gemv", args[2:])))
+    x, bias = _on_cuda1((2, 128), (40,))
+    out = glue.direct_nf4_linear(x, _nf4_linear_args(), bias)
+    assert out == (("gemv", (bias, None, None, 0.0)) if gemv else None)
+    assert seen == ([[torch.device("cuda:1")]] if gemv else [])
+    assert glue.nf4_linear_ops.DIRECT_INFERENCE["cuda"] is glue.direct_nf4_linear

@@ -182,3 +182,67 @@ def test_lora_linear_takes_the_gemv_for_few_tokens_without_dropout(M, dtype, dro
         err = (got.double() - want).abs().max().item()
         err_plain = (low.double() - want).abs().max().item()
         assert err <= 2 * err_plain + 1e-6 * want.abs().max().item(), f"{name}: {err:.3g} vs plain {err_plain:.3g}"
+
+
+# ---- inference without the op's dispatch ----
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Calls of the nf4_linear op made by NF4Linear."""
+    from qlora_kernels.ops import nf4_linear as nf4_linear_ops
+
+    calls = []
+    real = nf4_linear_ops.nf4_linear
+
+    def counting(*args):
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(nf4_linear_ops, "nf4_linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("M", (1, 16, 17))
+@pytest.mark.parametrize("context", ("no_grad", "inference_mode", "frozen input"))
+def test_inference_skips_the_op_with_the_same_bits(M, context, op_calls, gemv_calls):
+    """Without a gradient to compute, M <= 16 tokens go straight to the GEMV (no op dispatch) and
+    give the op's bits; 17 tokens still run the op (its tiled path)."""
+    layer = _layer(96, 128, torch.bfloat16, True, True)
+    x = torch.randn(2, M, 128, dtype=torch.bfloat16)
+    through_op = layer(x.requires_grad_()).detach()
+    assert op_calls == [2 * M]
+    x = x.detach()
+    if context == "no_grad":
+        with torch.no_grad():
+            direct = layer(x)
+    elif context == "inference_mode":
+        with torch.inference_mode():
+            direct = layer(x)
+    else:
+        layer.bias.requires_grad_(False)
+        direct = layer(x)
+    assert torch.equal(direct, through_op)
+    assert op_calls == [2 * M] if 2 * M <= 16 else [2 * M, 2 * M]
+    assert gemv_calls == ([(2 * M, 0)] * 2 if 2 * M <= 16 else [])
+
+
+def test_a_gradient_wanted_takes_the_op(op_calls, gemv_calls):
+    """A trainable bias or an input that wants a gradient keeps the op (its autograd)."""
+    layer = _layer(32, 64, torch.float32, True, True)
+    layer(torch.randn(1, 64)).sum().backward()
+    assert layer.bias.grad is not None and op_calls == [1]
+    x = torch.randn(1, 64, requires_grad=True)
+    layer.bias.requires_grad_(False)
+    layer(x).sum().backward()
+    assert x.grad is not None and op_calls == [1, 1]
+    assert len(gemv_calls) == 2  # both forwards still took the GEMV, through the op
+
+
+def test_a_dispatch_mode_sees_the_op(op_calls):
+    """A FLOP counter (any TorchDispatchMode) sees the op instead of a call it cannot intercept."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = _layer(32, 64, torch.float32, False, False)
+    with torch.no_grad(), FlopCounterMode(display=False):
+        layer(torch.randn(1, 64))
+    assert op_calls == [1]

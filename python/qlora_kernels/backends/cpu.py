@@ -103,6 +103,11 @@ if _C is not None:
             return _gemv(x, state, bias, None, None, 0.0)
         return nf4_linear_cpu(x, state, bias)
 
+    def _direct_nf4_linear(x, weight, bias):
+        return _gemv(x, weight, bias, None, None, 0.0) if gemv_applies(x.shape[0]) else None
+
+    nf4_linear_ops.DIRECT_INFERENCE["cpu"] = _direct_nf4_linear
+
     @kernel(nf4_linear_ops.nf4_linear_bwd, "cpu", "C++ NF4 tiles + torch GEMMs")
     def _(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, in_features):
         from .lora_cpu import nf4_linear_dx_cpu

@@ -221,6 +221,16 @@ def cuda_nf4_linear(x, packed, absmax, nested_absmax, nested_code, offset, block
     return nf4_linear_dequant_mm(x, state, bias)
 
 
+@on_input_device
+def direct_nf4_linear(x, weight: NF4Weight, bias):
+    """NF4Linear's inference path without the op's dispatch (ops/nf4_linear.direct_inference):
+    the GEMV where `cuda_nf4_linear` would take it, else None (the op runs)."""
+    return lora_gemv_cuda(x, weight, bias, None, None, 0.0) if _gemv_applies(x, weight, 0.0) else None
+
+
+nf4_linear_ops.DIRECT_INFERENCE["cuda"] = direct_nf4_linear
+
+
 @cuda_kernel(nf4_linear_ops.nf4_linear_bwd, "dequantize-once + cuBLAS" if has_cuda_kernels()
              else "Triton dequantize-once + cuBLAS")
 def cuda_nf4_linear_bwd(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,

@@ -122,7 +122,10 @@ class NF4Linear(nn.Module):
             raise ValueError(f"x has {x.shape[-1]} features, the layer expects {self.in_features}")
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         x2d = x.to(self.compute_dtype).reshape(-1, self.in_features).contiguous()
-        y = nf4_linear_ops.nf4_linear(x2d, *self.nf4_weight.op_args(), self.out_features, bias)
+        weight = self.nf4_weight
+        y = nf4_linear_ops.direct_inference(x2d, weight, bias)
+        if y is None:
+            y = nf4_linear_ops.nf4_linear(x2d, *weight.op_args(), self.out_features, bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     # -- casting and the state dict ------------------------------------------------------
