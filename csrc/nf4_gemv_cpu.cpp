@@ -133,7 +133,11 @@ void lora_gemv_nf4_cpu(const void* x, DType dtype, int64_t M, int64_t K, const u
         copy_x_rows(a, false);
     }
 #endif
-    parallel_for(N, std::max<int64_t>(K, 1) * M, num_threads, [&](int64_t first, int64_t last) { rows(a, first, last); });
+    // A weight is decoded once for all M rows and each row costs one FMA lane: per weight x row the
+    // GEMV does about a sixteenth of the work of the kernels kMinItemsPerThread was set for. A small
+    // layer of a decode step (512 x 512, M = 1) then stays on the calling thread, where waking a
+    // worker that shares its core with torch's spinning OpenMP threads costs more than it saves.
+    parallel_for(N, std::max<int64_t>(K, 1) * M / 16, num_threads, [&](int64_t first, int64_t last) { rows(a, first, last); });
 }
 
 }  // namespace qk
