@@ -193,7 +193,8 @@ def test_headline_op_figures_are_those_of_the_bench_record():
     for op_cell, baseline_cell, ratio_cell in rows:
         measured = [r for r in record["rows"] if r["op"] == _code(op_cell)]
         assert measured, f"{op_cell} is not a row of {record_path.name}"
-        assert {r["baseline"] for r in measured} == {baseline_cell}
+        # where a suite times two forms of a baseline, each row's is the faster: the cell names those picked
+        assert {r["baseline"] for r in measured} == set(baseline_cell.split(" or ")), op_cell
         low, high = min(r["ratio"] for r in measured), max(r["ratio"] for r in measured)
         expected = _ratio(low) if _ratio(low) == _ratio(high) else f"{_ratio(low)}–{_ratio(high)}"
         assert ratio_cell == expected, op_cell
