@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -17,6 +18,17 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # odd counts, shorter than a block, partial last blocks, exact multiples
 SIZES = (1, 2, 3, 31, 63, 64, 65, 1000, 4096 + 17, 3 * 4096)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's thread count (the one every CPU kernel is given) set to n, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def weight(n_or_shape, dtype=torch.float32, device="cpu"):

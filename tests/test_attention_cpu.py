@@ -8,7 +8,6 @@ test_attention_reference.py), which also covers dsinks and a gradient into lse.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -20,6 +19,8 @@ from qlora_kernels.backends import attention_cpu
 from qlora_kernels.backends.attention_cpu import flash_attention_bwd_cpu, flash_attention_fwd_cpu
 from qlora_kernels.ops import attention as attention_ops
 from qlora_kernels.reference import attention as ref
+
+from helpers import num_threads
 
 pytestmark = pytest.mark.skipif(native() is None, reason="native module not built")
 
@@ -40,21 +41,11 @@ def _alibi(H):
     return torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)])
 
 
-@contextlib.contextmanager
-def _num_threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _torch_single_threaded():
     # torch's thread pool makes the tiny reference ops slow (50x on a busy machine); the kernels
     # still run multithreaded (_kernel)
-    with _num_threads(1):
+    with num_threads(1):
         yield
 
 
@@ -79,7 +70,7 @@ def _kernel(q, k, v, dout, cu_seqlens=None, cu_seqlens_k=None, window=(-1, -1), 
             **kw):
     """(out, lse, dq, dk, dv, dsinks) of the C++ kernels, run on `threads` threads."""
     varlen = dict(cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, window_left=window[0], window_right=window[1])
-    with _num_threads(threads):
+    with num_threads(threads):
         out, lse = flash_attention_fwd_cpu(q, k, v, **varlen, **kw)
         grads = flash_attention_bwd_cpu(dout, dlse, q, k, v, out, lse, **varlen, **kw)
     return (out, lse, *grads)
@@ -251,7 +242,7 @@ def test_backward_units_follow_the_shape_not_the_threads(B, Hkv, Sk, units):
     q, k, v = _qkv(B, 2 * Hkv, Hkv, 70, Sk, 16)
     dout = torch.randn(q.shape)
     for threads in (1, 2, 8):
-        with _num_threads(threads):
+        with num_threads(threads):
             out, lse = flash_attention_fwd_cpu(q, k, v, causal=False)
             assert _backward_units(lambda: flash_attention_bwd_cpu(dout, None, q, k, v, out, lse,
                                                                    causal=False)) == units
@@ -459,7 +450,7 @@ def test_only_tiles_with_visible_keys_are_computed(causal, window):
         q, k, v = _qkv(1, 2, 1, S, S, 16)
         dout = torch.randn(q.shape)
         kw = dict(causal=causal, window_left=window[0], window_right=window[1])
-        with _num_threads(2):
+        with num_threads(2):
             fwd = []
             forward = _tile_steps(lambda: fwd.extend(flash_attention_fwd_cpu(q, k, v, **kw)))
             backward = _tile_steps(lambda: flash_attention_bwd_cpu(dout, None, q, k, v, *fwd, **kw))
@@ -516,7 +507,7 @@ def test_forward_memory_is_linear_in_sequence_length():
     except OSError:
         pytest.skip("cannot reset the peak RSS here")
     q, k, v = (torch.randn(1, 1, 4096, 64) for _ in range(3))
-    with _num_threads(2):
+    with num_threads(2):
         flash_attention_fwd_cpu(q[..., :64, :], k[..., :64, :], v[..., :64, :])  # starts up what runs once
         _reset_peak_rss()
         before = _peak_rss()
@@ -534,7 +525,7 @@ def test_backward_memory_is_linear_in_sequence_length():
         pytest.skip("cannot reset the peak RSS here")
     q, k, v = (torch.randn(1, 1, 4096, 16) for _ in range(3))
     dout = torch.randn(q.shape)
-    with _num_threads(2):
+    with num_threads(2):
         out, lse = flash_attention_fwd_cpu(q, k, v)
         short = [t[..., :64, :] for t in (dout, q, k, v, out)]
         flash_attention_bwd_cpu(short[0], None, *short[1:], lse[..., :64])  # starts up what runs once

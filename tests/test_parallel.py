@@ -8,7 +8,6 @@ cases run in subprocesses (a limit, a fork or a hang must not reach the test pro
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import subprocess
@@ -29,22 +28,14 @@ from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.ops import nf4 as ops
 from qlora_kernels.reference import attention as ref_attention
 
+from helpers import num_threads
+
 _C = native()
 pytestmark = pytest.mark.skipif(_C is None, reason="native module not built")
 
 PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
 # 8 threads need 8 x 2^15 items of work (kMinItemsPerThread): 520 x 511 NF4 elements
 NF4_SHAPE = (520, 511)
-
-
-@contextlib.contextmanager
-def _num_threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(script: str, timeout: float = 120) -> str:
@@ -91,7 +82,7 @@ def test_kernels_match_reference_at_thread_counts(threads):
     nf4 = NF4Weight(*nf4_quantize(torch.randn(N, K), 64, double_quant=True))
     x, A, B, dy = torch.randn(M, K), torch.randn(rank, K) / math.sqrt(K), torch.randn(N, rank), torch.randn(M, N)
     W = nf4.dequantize_reference(torch.float32)
-    with _num_threads(threads):
+    with num_threads(threads):
         _nf4_round_trip_matches_reference(w)
         _attention_matches_reference(q, k, v, dout)
         keep = lora_cpu.dropout_keep_mask_cpu(seed, p, M, K)
@@ -228,7 +219,7 @@ def test_two_python_threads_calling_kernels_at_once():
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
-    with _num_threads(4):
+    with num_threads(4):
         threads = [threading.Thread(target=worker, args=(d,)) for d in (True, False)]
         for t in threads:
             t.start()
