@@ -102,7 +102,7 @@ def test_other_baselines_are_timed_and_get_ratios(monkeypatch):
     stub_times(monkeypatch, {ours: 1.0, dense: 3.0, bnb: 12.0})
     row = runner.measure(case, CPU, True, 10.0)
     assert (row["ratio"], row["ratio_vs_bnb"], row["other_baselines"]) == (3.0, 12.0, {"bnb": "bitsandbytes"})
-    assert "3.00x" in runner._table([row]) and "12.00x vs bitsandbytes" in runner._table([row])
+    assert "3.00x" in runner._table_line(row) and "12.00x vs bitsandbytes" in runner._table_line(row)
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -217,3 +217,21 @@ def test_main_leaves_logging_as_it_found_it(env_that_logs, capsys):
     before = (logger.level, list(logger.handlers))
     assert main(["env", "-v"]) == 0
     assert (logger.level, logger.handlers) == before
+
+
+def test_bench_a_failing_suite_stops_alone(tiny_bench, tmp_path, monkeypatch, capsys):
+    """A wrong result stops its suite only: the next suite is measured, printed as it goes and
+    written, the failure listed in the JSON and the exit status 1."""
+    x = torch.arange(4.0)
+    good = types.SimpleNamespace(cases=lambda device, quick: [Case("lora_linear", [4], "float32", ours=x.clone,
+                                                                    baseline=x.clone, baseline_name="torch",
+                                                                    check=lambda: None)])
+    monkeypatch.setattr(runner, "SUITES", {"nf4": runner.SUITES["nf4"], "lora": good})
+    assert main(["bench", "all", "--quick", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "nf4: stopped, nf4_dequantize 8: ours' output differs" in out.out
+    assert "lora_linear" in out.out
+    (path,) = tmp_path.glob("bench-*.json")
+    record = json.loads(path.read_text())
+    assert [r["op"] for r in record["rows"]] == ["lora_linear"]
+    assert record["failed"] == ["nf4_dequantize 8: ours' output differs from the baseline's by 1 (scale 7)"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,26 +48,28 @@ def measure(case: Case, device: torch.device, quick: bool, read_gbps: float) -> 
     return row
 
 
-def _suite_rows(suite: str, device: torch.device, quick: bool, read_gbps: float) -> list[dict]:
-    rows = [measure(case, device, quick, read_gbps) for case in SUITES[suite].cases(device, quick)]
+def _suite_rows(suite: str, device: torch.device, quick: bool, read_gbps: float) -> Iterator[dict]:
+    """The suite's rows, each as soon as it is measured."""
+    for case in SUITES[suite].cases(device, quick):
+        yield dict(measure(case, device, quick, read_gbps), suite=suite)
     if suite == "attention":
-        rows.append(attention.peak_memory(device))  # memory of one long forward, not a timing
+        yield dict(attention.peak_memory(device), suite=suite)  # memory of one long forward, not a timing
     if suite == "decode":
-        rows.append(decode.generate_row(device, quick))  # whole generate() calls, timed interleaved
-    return [dict(r, suite=suite) for r in rows]
+        yield dict(decode.generate_row(device, quick), suite=suite)  # whole generate() calls, timed interleaved
 
 
 def _ms(value) -> str:
     return f"{value:>9.3f}" if value is not None else f"{'-':>9}"
 
 
-def _table(rows: list[dict]) -> str:
+def _table_head() -> str:
     head = f"{'op':<34} {'shape':<32} {'ours ms':>9} {'base ms':>9} {'ratio':>7}  {'roofline / note'}"
-    lines = [head, "-" * (len(head) + 20)]
-    for r in rows:
-        lines.append(f"{r['op']:<34} {shape_label(r['shape']):<32} {_ms(r['ours_ms'])} {_ms(r['baseline_ms'])} "
-                     f"{r['ratio']:>6.2f}x  {r.get('roofline', '')}  [vs {r['baseline']}]{other_ratios(r)}")
-    return "\n".join(lines)
+    return head + "\n" + "-" * (len(head) + 20)
+
+
+def _table_line(r: dict) -> str:
+    return (f"{r['op']:<34} {shape_label(r['shape']):<32} {_ms(r['ours_ms'])} {_ms(r['baseline_ms'])} "
+            f"{r['ratio']:>6.2f}x  {r.get('roofline', '')}  [vs {r['baseline']}]{other_ratios(r)}")
 
 
 def _plot(rows: list[dict], title: str, path: Path) -> None:
@@ -94,8 +97,10 @@ def _plot(rows: list[dict], title: str, path: Path) -> None:
 def run(what: str = "nf4", quick: bool = False, out_dir: str = "runs", device: str | None = None) -> Path:
     """Check and time the suite(s) `what`; writes `<out_dir>/bench-<device>[-<what>]-<date>.json`
     (with the git commit of the measured source) and a PNG (out_dir relative to the current
-    folder) and returns the JSON's path. JobFailed when one of
-    ours disagrees with its baseline."""
+    folder) and returns the JSON's path. Rows are printed as they are measured. A suite where one
+    of ours disagrees with its baseline stops there (a wrong result is not timed) and the next
+    suite runs; the rows measured are written (the failures listed under "failed"), then
+    JobFailed names the failures. Nothing is written when no row was measured."""
     dev = torch.device(device) if device else default_device()
     if dev.type == "cpu":
         warm_cpu_allocations()
@@ -103,11 +108,19 @@ def run(what: str = "nf4", quick: bool = False, out_dir: str = "runs", device: s
     name = device_name(dev)
     print(f"bench {'+'.join(suites)} on {name}{' (quick)' if quick else ''}", flush=True)
     read_gbps = read_bandwidth_gbps(dev, quick)
-    rows = []
+    rows, failed = [], []
+    print(_table_head(), flush=True)
     for suite in suites:
-        rows += _suite_rows(suite, dev, quick, read_gbps)
-    print(_table(rows))
+        try:
+            for row in _suite_rows(suite, dev, quick, read_gbps):
+                rows.append(row)
+                print(_table_line(row), flush=True)
+        except JobFailed as e:
+            failed.append(str(e))
+            print(f"{suite}: stopped, {e}", flush=True)
     print(f"measured read bandwidth: {read_gbps:.1f} GB/s")
+    if not rows:
+        raise JobFailed("; ".join(failed))
 
     date = dt.date.today().strftime("%Y%m%d")
     out = Path(out_dir).resolve()
@@ -117,10 +130,13 @@ def run(what: str = "nf4", quick: bool = False, out_dir: str = "runs", device: s
         "device": name, "date": date, "quick": quick,
         "command": "python -m qlora_kernels bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [what]),
         "source": source_commit(), "read_bandwidth_GBps": round(read_gbps, 1), "env": backends(), "rows": rows,
+        "failed": failed,
         "cpu_allocations": "glibc heap, freed memory kept (no first-touch page faults)" if dev.type == "cpu" else None,
     }
     path = out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     _plot(rows, f"qlora_kernels vs baselines, {name}, {date}", out / f"{stem}.png")
     print(f"wrote {path} and {path.with_suffix('.png')}")
+    if failed:
+        raise JobFailed("; ".join(failed))
     return path

@@ -148,15 +148,9 @@ def to_bnb(model: nn.Module) -> nn.Module:
 
 def _to_linear4bit(layer: NF4Linear) -> nn.Module:
     import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
 
     s = layer.quant_state
-    nested = None
-    if s.double_quant:
-        nested = QuantState(absmax=s.nested_absmax, code=s.nested_code, blocksize=s.nested_blocksize,
-                            dtype=torch.float32)
-    qs = QuantState(absmax=s.absmax, shape=torch.Size(s.shape), code=s.code, blocksize=s.blocksize, quant_type="nf4",
-                    dtype=s.dtype, offset=s.offset if s.double_quant else None, state2=nested)
+    qs = bnb_state_from_nf4(s)
     out = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False,
                             compute_dtype=layer.bnb_origin["compute_dtype"], compress_statistics=s.double_quant,
                             quant_type="nf4", quant_storage=layer.quant_storage, device="meta")
@@ -168,6 +162,18 @@ def _to_linear4bit(layer: NF4Linear) -> nn.Module:
     out.compute_type_is_set = layer.bnb_origin["compute_type_is_set"]
     out.train(layer.training)
     return out
+
+
+def bnb_state_from_nf4(s: NF4QuantState):
+    """An NF4QuantState as bitsandbytes' QuantState sharing its tensors (nf4_state_from_bnb's inverse)."""
+    from bitsandbytes.functional import QuantState
+
+    nested = None
+    if s.double_quant:
+        nested = QuantState(absmax=s.nested_absmax, code=s.nested_code, blocksize=s.nested_blocksize,
+                            dtype=torch.float32)
+    return QuantState(absmax=s.absmax, shape=torch.Size(s.shape), code=s.code, blocksize=s.blocksize,
+                      quant_type="nf4", dtype=s.dtype, offset=s.offset if s.double_quant else None, state2=nested)
 
 
 def nf4_state_from_bnb(qs) -> NF4QuantState:
