@@ -77,7 +77,8 @@ sys.exit(0)  # pip installing .whl/, `-c ...`: the bitsandbytes import check
 '''
 
 
-def run_check(tmp_path: Path, env_report: dict, **extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+def run_check(tmp_path: Path, env_report: dict, summary: bool = True,
+              **extra: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB, 570.86.15, 9.0'\n")
@@ -98,9 +99,11 @@ def run_check(tmp_path: Path, env_report: dict, **extra: str) -> tuple[subproces
            "FAKE_DIR": str(tmp_path), "FAKE_ENV": json.dumps(env_report), **extra}
     proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), str(out)], env=env, capture_output=True,
                           text=True, timeout=120)
-    summary = json.loads((out / "summary.json").read_text())
+    if not summary:
+        return proc, None
+    record = json.loads((out / "summary.json").read_text())
     assert (out / "summary.md").exists()
-    return proc, summary
+    return proc, record
 
 
 def statuses(summary: dict) -> dict:
@@ -180,3 +183,20 @@ def test_gate_passes_with_cuda_kernels_for_this_gpu(tmp_path):
     path.write_text(json.dumps(CUDA_ENV))
     assert gpu_summary.gate(path, "90a") is None
     assert "no report" in gpu_summary.gate(tmp_path / "missing.json", "90a")
+
+
+def test_only_the_chosen_gpu_steps_run(tmp_path):
+    """A check split over two calls: the second runs the bench and the main job only, and its
+    summary holds the steps it ran."""
+    proc, summary = run_check(tmp_path, CUDA_ENV, QLORA_KERNELS_CHECK_STEPS="bench,finetune")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert statuses(summary) == {"gpu": "passed", "wheels": "passed", "build": "passed", "env": "passed",
+                                 "bench": "passed", "finetune": "passed"}
+    assert summary["ok"] and summary["gpu_tests"] is None
+
+
+def test_an_unknown_step_is_refused_before_anything_runs(tmp_path):
+    proc, _ = run_check(tmp_path, CUDA_ENV, summary=False, QLORA_KERNELS_CHECK_STEPS="gpu_tests,benhc")
+    assert proc.returncode == 2
+    assert "unknown step 'benhc'" in proc.stderr
+    assert not (tmp_path / "archs").exists()  # nothing was built
