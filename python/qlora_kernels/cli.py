@@ -116,9 +116,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Check each op against its baseline and time both side by side on one device; "
                                    "writes <out>/bench-<device>[-<suite>]-<date>.json (with the git commit of the "
                                    "measured source) and a PNG.")
-    p.add_argument("what", nargs="?", default="all", choices=["nf4", "lora", "attention", "decode", "all"],
+    p.add_argument("what", nargs="?", default="all", choices=["nf4", "lora", "attention", "decode", "loss", "all"],
                    help="which suite (default all); decode: NF4Linear at 1 to 16 tokens and generate() tokens/s "
-                        "against bf16 and bitsandbytes 4-bit")
+                        "against bf16 and bitsandbytes 4-bit; loss: fused linear + cross-entropy against the "
+                        "lm_head + transformers' loss, time and peak memory of a training step")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--out", default="runs", help="folder for the results JSON and PNG (default runs, in the "
                                                  "current folder)")
