@@ -31,6 +31,9 @@ def test_help(command, capsys):
     assert "usage: qlora-kernels" in text
     if command == ["finetune"]:
         assert "--model" in text and "--size" in text and "7b" in text
+        assert "--parts" in text and "--vocab" in text
+    if command == ["bench"]:
+        assert "loss" in text
     if command:
         assert "--verbose" in text and "--log-level" in text
 
@@ -63,6 +66,11 @@ def one_line_error(capsys, command: str) -> str:
     (["--lr", "0"], "lr=0.0: the learning rate must be positive"),
     (["--device", "gpu0"], "device 'gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "device 'meta': the job runs on cpu or cuda"),
+    (["--vocab", "256"], "vocab=256: the byte-level data needs at least 257 ids (256 byte values and the pad id 256)"),
+    (["--parts", "loss,lm_head"], "parts='loss,lm_head': name parts among attention, lora, loss, norm, rope, mlp "
+                                  "(comma-separated), or all"),
+    (["--parts", "--only", "patched"], "--parts trains stock and every configuration of the parts: it cannot run "
+                                       "with only='patched'"),
 ])
 def test_finetune_argument_it_cannot_run_with(argv, message, tmp_path, capsys):
     """Exit code 2 and the argument named, before anything is built or written."""

@@ -2,8 +2,9 @@
 
 Public API
 ----------
-patch(model, attention=True, lora=True, quantize=None, strict=True) -> model
-    the two lines: HF Llama / OPT / Bloom (plain or PEFT) through the kernels below.
+patch(model, attention=True, lora=True, quantize=None, strict=True, loss=True, norm=True, rope=True,
+      mlp=True) -> model
+    the two lines: HF Llama / OPT / Bloom / ... (plain or PEFT) through the kernels below.
 unpatch(model) -> model                 stock behaviour again; patch_report(model) says what patch did.
 nf4_quantize(weight, blocksize=64, double_quant=True, quant_storage=torch.uint8)
     -> (packed, NF4QuantState); bitsandbytes' NF4 bytes.
