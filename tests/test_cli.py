@@ -198,6 +198,32 @@ def test_bench_decode_quick(tmp_path, monkeypatch, capsys):
     assert f"x vs {layers[0]['other_baselines']['bnb_linear4bit']}" in out
 
 
+def test_bench_loss_quick(tmp_path, monkeypatch, capsys):
+    """`bench loss --quick` end to end: both rows checked, timed (once each here) and their peak
+    memory measured in fresh processes; the commit recorded."""
+    pytest.importorskip("matplotlib")
+
+    def once(fn, device, quick):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    monkeypatch.setattr(runner, "median_ms", once)
+    monkeypatch.setattr(runner, "read_bandwidth_gbps", lambda device, quick: 10.0)
+    monkeypatch.setattr(runner, "default_device", lambda: torch.device("cpu"))
+    assert main(["bench", "loss", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("bench-*-loss-*-quick.json")
+    result = json.loads(path.read_text())
+    assert result["source"] == source_commit() and result["quick"]
+    rows = result["rows"]
+    assert [(r["op"], r["lm_head"]) for r in rows] == [("linear + cross-entropy fwd+bwd", "frozen"),
+                                                       ("linear + cross-entropy fwd+bwd, lm_head trainable",
+                                                        "trainable")]
+    for row in rows:
+        assert row["baseline"] == "lm_head + transformers ForCausalLMLoss" and row["suite"] == "loss"
+        assert row["ours_peak_MB"] >= 0 and row["baseline_peak_MB"] >= 0  # a few MB at this size: no ratio claimed
+    assert "linear + cross-entropy fwd+bwd" in capsys.readouterr().out
+
+
 @pytest.fixture
 def env_that_logs(monkeypatch):
     """`env` with a report that logs one line at INFO and one at WARNING."""
