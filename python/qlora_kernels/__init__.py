@@ -14,6 +14,9 @@ NF4Linear.from_linear(linear, ...)      frozen 4-bit linear, bitsandbytes state 
 quantize_model(model, ...)              nn.Linear -> NF4Linear (skips lm_head).
 from_bnb(model) / to_bnb(model)         bitsandbytes Linear4bit <-> NF4Linear, bytes shared.
 flash_attention(q, k, v, *, causal=True, ...)  O(N)-memory attention, GQA, ALiBi, padding, packing.
+fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100, label_smoothing=0.0,
+    reduction="mean", softcap=None, num_items_in_batch=None, chunk_size=None)
+                                        lm_head + cross-entropy without the logits, transformers' loss.
 lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA; weight is
                                         dense, an NF4Weight, (packed, NF4QuantState) or an NF4Linear.
 patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
@@ -32,6 +35,7 @@ from .attention import flash_attention
 from .bnb_state_dict import bits_per_parameter
 from .env import backends
 from .lora import lora_linear
+from .loss import fused_linear_cross_entropy
 from .modules import NF4Linear
 from .nf4 import nf4_dequantize, nf4_quantize
 from .nf4_weight import NF4QuantState, NF4Weight
@@ -67,6 +71,7 @@ __all__ = [
     "backends",
     "bits_per_parameter",
     "flash_attention",
+    "fused_linear_cross_entropy",
     "lora_linear",
     "patch_attention",
     "patch_lora",
