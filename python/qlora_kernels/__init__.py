@@ -13,6 +13,8 @@ NF4Linear.from_linear(linear, ...)      frozen 4-bit linear, bitsandbytes state 
 quantize_model(model, ...)              nn.Linear -> NF4Linear (skips lm_head).
 from_bnb(model) / to_bnb(model)         bitsandbytes Linear4bit <-> NF4Linear, bytes shared.
 flash_attention(q, k, v, *, causal=True, ...)  O(N)-memory attention, GQA, ALiBi, padding, packing.
+rms_norm(x, weight, eps=1e-6, offset=0.0, cast_before_weight=True)  RMSNorm, fp32 statistics,
+                                        Llama's rounding (Gemma's: offset=1.0, cast_before_weight=False).
 lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA; weight is
                                         dense, an NF4Weight, (packed, NF4QuantState) or an NF4Linear.
 patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
@@ -34,6 +36,7 @@ from .lora import lora_linear
 from .modules import NF4Linear
 from .nf4 import nf4_dequantize, nf4_quantize
 from .nf4_weight import NF4QuantState, NF4Weight
+from .norm import rms_norm
 from .patching import (
     PatchReport,
     from_bnb,
@@ -76,4 +79,5 @@ __all__ = [
     "nf4_dequantize",
     "nf4_quantize",
     "quantize_model",
+    "rms_norm",
 ]
