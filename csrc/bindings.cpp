@@ -21,6 +21,7 @@ namespace py = pybind11;
 void bind_attention(py::module_& m);
 void bind_lora(py::module_& m);
 void bind_loss(py::module_& m);
+void bind_norm(py::module_& m);
 
 using qk::binding::dtype_tag;
 using qk::binding::nested_of;
@@ -152,4 +153,5 @@ PYBIND11_MODULE(_C, m) {
     bind_attention(m);
     bind_lora(m);
     bind_loss(m);
+    bind_norm(m);
 }

@@ -249,6 +249,25 @@ def _decode_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bo
     return Case(f"{dtype_name} decode {' '.join(flags)}", dtype_name, run)
 
 
+def _norm_case(dtype_name: str, hidden: int, cast_before_weight: bool, weight_dtype_name: str | None = None) -> Case:
+    """RMSNorm forward + backward (dweight too) over 40 rows of `hidden`; Llama's rounding
+    (cast_before_weight) or Gemma's, the weight in x's dtype or in `weight_dtype_name`."""
+    from qlora_kernels.triton.rms_norm import rms_norm_bwd_triton, rms_norm_fwd_triton
+
+    dtype = getattr(torch, dtype_name)
+    weight_dtype = getattr(torch, weight_dtype_name or dtype_name)
+    y_dtype = torch.promote_types(dtype, weight_dtype) if cast_before_weight else dtype
+    rounding = "llama" if cast_before_weight else "gemma"
+
+    def run():
+        x, w = _empty(40, hidden, dtype=dtype), _empty(hidden, dtype=weight_dtype)
+        y, rstd = rms_norm_fwd_triton(x, w, 1e-6, 0.0, cast_before_weight, y_dtype)
+        rms_norm_bwd_triton(y, x, w, rstd, 0.0, cast_before_weight, True)
+
+    return Case(f"rms_norm {dtype_name}{'-' + weight_dtype_name if weight_dtype_name else ''} H{hidden} {rounding}",
+                dtype_name, run)
+
+
 def cases(full: bool) -> list[Case]:
     """The specializations compiled. CI's set reaches every kernel and every entry of every tile
     table: each W path of the LoRA kernels (dense; NF4 with one absmax per tile row or per
@@ -278,6 +297,8 @@ def cases(full: bool) -> list[Case]:
                 out += [_attention_case(dtype, d, causal=False, features=False),
                         _attention_case(dtype, d, causal=False), _decode_case(dtype, d, False, False, False),
                         _decode_case(dtype, d), _decode_case(dtype, d, padding=False, varlen=True)]
+            for hidden in (64, 1000, 4096, 8192):
+                out += [_norm_case(dtype, hidden, True), _norm_case(dtype, hidden, False)]
         return out
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
     out += [_lora_case("bfloat16", "nf4-bs128-nodq", r=8, dropout=False, bias=False),
@@ -293,6 +314,9 @@ def cases(full: bool) -> list[Case]:
             _attention_case("bfloat16", 128, features=False)]
     out += [_decode_case("bfloat16", d) for d in (64, 128, 256)] + [_decode_case("float32", 256)]
     out += [_decode_case("bfloat16", 128, padding=False, varlen=True)]
+    out += [_norm_case("bfloat16", h, True) for h in (64, 4096, 8192)] + [_norm_case("bfloat16", 3072, False),
+                                                                          _norm_case("bfloat16", 4096, True, "float32"),
+                                                                          _norm_case("float32", 8192, False)]
     return out
 
 

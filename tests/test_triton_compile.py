@@ -137,3 +137,18 @@ def test_fp32_lora_with_tf32_set_through_fp32_precision(restore_matmul_precision
     # TF32 keeps 10 mantissa bits: a relative error of about 2**-11 per product
     assert torch.allclose(y.double(), x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t(), rtol=0, atol=1e-2)
     assert torch.allclose(dx.double(), dy64 @ w64 + 2.0 * (dy64 @ b64) @ a64, rtol=0, atol=1e-2)
+
+
+def test_rms_norm_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
+    # its cases alone (seconds), so that a failure here names the RMSNorm kernels
+    path = tmp_path / "rms_norm.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--case", "rms_norm", "--jobs", "1", "--json", str(path)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["arch"], r["kernel"]) for r in rows} == {
+        (arch, kernel) for arch in (90, 80) for kernel in ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel")}
+    assert {r["case"] for r in rows} >= {"rms_norm bfloat16 H8192 llama", "rms_norm float32 H8192 gemma"}
+    bad = [r for r in rows if r["local"] or not r["fits"]]
+    assert not bad, _describe(bad)

@@ -17,6 +17,8 @@ flash_attention(q, k, v, *, causal=True, ...)  O(N)-memory attention, GQA, ALiBi
 fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100, label_smoothing=0.0,
     reduction="mean", softcap=None, num_items_in_batch=None, chunk_size=None)
                                         lm_head + cross-entropy without the logits, transformers' loss.
+rms_norm(x, weight, eps=1e-6, offset=0.0, cast_before_weight=True)  RMSNorm, fp32 statistics,
+                                        Llama's rounding (Gemma's: offset=1.0, cast_before_weight=False).
 lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA; weight is
                                         dense, an NF4Weight, (packed, NF4QuantState) or an NF4Linear.
 patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
@@ -39,6 +41,7 @@ from .loss import fused_linear_cross_entropy
 from .modules import NF4Linear
 from .nf4 import nf4_dequantize, nf4_quantize
 from .nf4_weight import NF4QuantState, NF4Weight
+from .norm import rms_norm
 from .patching import (
     PatchReport,
     from_bnb,
@@ -82,4 +85,5 @@ __all__ = [
     "nf4_dequantize",
     "nf4_quantize",
     "quantize_model",
+    "rms_norm",
 ]

@@ -25,6 +25,7 @@ from ..ops import nf4 as nf4_ops
 from ..ops import nf4_linear as nf4_linear_ops
 from . import cuda
 from . import loss as loss_backend
+from . import norm as norm_backend
 from .common import kernel
 
 SWITCH = "QLORA_KERNELS_TRITON_ON_CPU"
@@ -78,3 +79,4 @@ def register() -> None:
     kernel(attention_ops.flash_attention_fwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_fwd)
     kernel(attention_ops.flash_attention_bwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_bwd)
     loss_backend.register_triton_on_cpu(IMPLEMENTATION)
+    norm_backend.register_triton_for_cpu(IMPLEMENTATION)

@@ -4,7 +4,7 @@ Every kernel (C++, CUDA, Triton) is tested against these functions, and they are
 implementation of each registered op. One module per op family.
 """
 
-from . import attention, lora, loss
+from . import attention, lora, loss, norm
 from .nf4 import (
     ALLOWED_BLOCKSIZES,
     DYNAMIC_LUT_SIZE,
@@ -26,6 +26,7 @@ __all__ = [
     "attention",
     "lora",
     "loss",
+    "norm",
     "ALLOWED_BLOCKSIZES",
     "DYNAMIC_LUT_SIZE",
     "NESTED_BLOCKSIZE",
