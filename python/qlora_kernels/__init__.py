@@ -15,6 +15,8 @@ from_bnb(model) / to_bnb(model)         bitsandbytes Linear4bit <-> NF4Linear, b
 flash_attention(q, k, v, *, causal=True, ...)  O(N)-memory attention, GQA, ALiBi, padding, packing.
 lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA; weight is
                                         dense, an NF4Weight, (packed, NF4QuantState) or an NF4Linear.
+apply_rotary(q, k, cos, sin, unsqueeze_dim=1) -> (q, k)   transformers' apply_rotary_pos_emb in one
+                                        kernel (GQA, partial rotary, position ids / packing via cos, sin).
 patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
 register_attention()                    makes attn_implementation="qlora_kernels" known to
                                         transformers (done at import when transformers is
@@ -34,6 +36,7 @@ from .lora import lora_linear
 from .modules import NF4Linear
 from .nf4 import nf4_dequantize, nf4_quantize
 from .nf4_weight import NF4QuantState, NF4Weight
+from .rope import apply_rotary
 from .patching import (
     PatchReport,
     from_bnb,
@@ -59,6 +62,7 @@ __all__ = [
     "NF4QuantState",
     "NF4Weight",
     "PatchReport",
+    "apply_rotary",
     "patch",
     "patch_report",
     "to_bnb",

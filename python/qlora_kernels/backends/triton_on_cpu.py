@@ -23,7 +23,8 @@ from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as nf4_ops
 from ..ops import nf4_linear as nf4_linear_ops
-from . import cuda
+from ..ops import rope as rope_ops
+from . import cuda, rope
 from .common import kernel
 
 SWITCH = "QLORA_KERNELS_TRITON_ON_CPU"
@@ -76,3 +77,4 @@ def register() -> None:
     kernel(lora_ops.lora_linear_bwd, "cpu", IMPLEMENTATION)(cuda.triton_lora_linear_bwd)
     kernel(attention_ops.flash_attention_fwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_fwd)
     kernel(attention_ops.flash_attention_bwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_bwd)
+    kernel(rope_ops.rope, "cpu", IMPLEMENTATION)(rope.rope_triton_kernel)
