@@ -21,6 +21,8 @@ rms_norm(x, weight, eps=1e-6, offset=0.0, cast_before_weight=True)  RMSNorm, fp3
                                         Llama's rounding (Gemma's: offset=1.0, cast_before_weight=False).
 lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0)  fused base + LoRA; weight is
                                         dense, an NF4Weight, (packed, NF4QuantState) or an NF4Linear.
+apply_rotary(q, k, cos, sin, unsqueeze_dim=1) -> (q, k)   transformers' apply_rotary_pos_emb in one
+                                        kernel (GQA, partial rotary, position ids / packing via cos, sin).
 patch_attention(model) / unpatch_attention(model)   Llama / OPT / Bloom attention.
 register_attention()                    makes attn_implementation="qlora_kernels" known to
                                         transformers (done at import when transformers is
@@ -42,6 +44,7 @@ from .modules import NF4Linear
 from .nf4 import nf4_dequantize, nf4_quantize
 from .nf4_weight import NF4QuantState, NF4Weight
 from .norm import rms_norm
+from .rope import apply_rotary
 from .patching import (
     PatchReport,
     from_bnb,
@@ -67,6 +70,7 @@ __all__ = [
     "NF4QuantState",
     "NF4Weight",
     "PatchReport",
+    "apply_rotary",
     "patch",
     "patch_report",
     "to_bnb",

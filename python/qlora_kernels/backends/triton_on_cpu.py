@@ -23,7 +23,8 @@ from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as nf4_ops
 from ..ops import nf4_linear as nf4_linear_ops
-from . import cuda
+from ..ops import rope as rope_ops
+from . import cuda, rope
 from . import loss as loss_backend
 from . import norm as norm_backend
 from .common import kernel
@@ -80,3 +81,4 @@ def register() -> None:
     kernel(attention_ops.flash_attention_bwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_bwd)
     loss_backend.register_triton_on_cpu(IMPLEMENTATION)
     norm_backend.register_triton_for_cpu(IMPLEMENTATION)
+    kernel(rope_ops.rope, "cpu", IMPLEMENTATION)(rope.rope_triton_kernel)
