@@ -119,11 +119,11 @@ def run_chunks(
     divisor = _divisor(labels, ignore_index, reduction, num_items_in_batch)
     scale = 1.0 / divisor if divisor > 0 else 0.0  # no valid label: every row's gradient is 0
     compute_grad = grad_hidden or grad_weight or grad_bias
-    empty = hidden.new_empty(0)
     loss_rows = torch.empty(N, dtype=torch.float32, device=device)
-    dh = torch.empty((N, H), dtype=dtype, device=device) if grad_hidden else empty
-    dw = torch.zeros((V, H), dtype=torch.float32, device=device) if grad_weight else empty
-    db = torch.zeros(V, dtype=torch.float32, device=device) if grad_bias else empty
+    # a gradient not asked for is an empty tensor of its own (outputs of a custom op never alias)
+    dh = torch.empty((N, H), dtype=dtype, device=device) if grad_hidden else hidden.new_empty(0)
+    dw = torch.zeros((V, H), dtype=torch.float32, device=device) if grad_weight else hidden.new_empty(0)
+    db = torch.zeros(V, dtype=torch.float32, device=device) if grad_bias else hidden.new_empty(0)
     weight_t = weight.t()
     step = chunk_rows(V, chunk_size)
     for start in range(0, N, step):
@@ -177,10 +177,9 @@ def _(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing, so
                num_items_in_batch, chunk_size)
     N = hidden.shape[0]
     loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
-    empty = hidden.new_empty(0)
-    return (loss, torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else empty,
-            torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight else empty,
-            hidden.new_empty(weight.shape[0]) if grad_bias else empty)
+    return (loss, torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight else hidden.new_empty(0),
+            hidden.new_empty(weight.shape[0]) if grad_bias else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -47,7 +47,8 @@ def linear_cross_entropy(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    logits = softcap_logits(logits, softcap).float()
+    # transformers' logits.float(); fp64 stays fp64 (the tests' exact baseline)
+    logits = softcap_logits(logits, softcap).to(torch.promote_types(logits.dtype, torch.float32))
     if num_items_in_batch is not None and reduction != "none":
         loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum",
                                                  label_smoothing=label_smoothing)
@@ -67,14 +68,15 @@ def cross_entropy_rows(
     scale: float = 1.0,
     compute_grad: bool = True,
 ) -> torch.Tensor:
-    """fp32 logits [n, V] (before the softcap), labels [n] -> fp32 loss [n] (0 at ignored rows).
+    """fp32 logits [n, V] (before the softcap), labels [n] -> fp32 loss [n] (0 at ignored rows);
+    fp64 logits are computed in fp64 (the tests' exact baseline).
 
     With compute_grad, logits is overwritten by scale * d(loss_i)/d(logits_i): softmax(z) minus
     the smoothed one-hot target, times the softcap's derivative 1 - (z / softcap)^2 where
     z = softcap * tanh(logits / softcap); rows with an ignored label are zero.
     """
     V = logits.shape[-1]
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     z = softcap * torch.tanh(x / softcap) if softcap else x
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0)
