@@ -328,3 +328,19 @@ def test_triton_refuses_rows_above_its_limit_and_the_backend_falls_back():
         triton_norm.rms_norm_fwd_triton(x, w, EPS, 0.0, True, torch.float32)
     y, _ = backend.triton_rms_norm_fwd(x, w, EPS, 0.0, True)
     torch.testing.assert_close(y, ref.rms_norm(x, w, EPS), rtol=0, atol=0)
+
+
+def test_compile_fullgraph_traces_forward_and_backward():
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+
+    def step(x, w):
+        return qk.rms_norm(x, w, 1e-5, 1.0, cast_before_weight=False).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled(x, w).backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    step(x, w).backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)

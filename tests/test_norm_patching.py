@@ -119,6 +119,25 @@ def test_fp32_matches_stock_and_unpatch_restores_it(family, op_calls):
 
 
 @pytest.mark.parametrize("family", list(PER_LAYER))
+def test_bf16_each_norm_rounds_like_its_class(family):
+    # fp32 cannot tell the roundings apart; in bf16 the patched module gives its class's bits
+    # except where rstd's last bit differs (a different summation order), and the other rounding
+    # would not
+    model = make(family).to(torch.bfloat16)
+    patch_norm(model)
+    g = torch.Generator().manual_seed(2)
+    for name, m in _norm_modules(model):
+        x = (2 * torch.randn(3, 5, m.weight.shape[0], generator=g)).to(torch.bfloat16)
+        stock, ours = type(m).forward(m, x), m(x)
+        assert ours.dtype == stock.dtype
+        assert (ours != stock).float().mean() < 0.02, name
+        gemma = family in GEMMA
+        eps = m.eps if gemma else m.variance_epsilon
+        other = qk.rms_norm(x, m.weight, eps, 1.0 if gemma else 0.0, cast_before_weight=gemma)
+        assert (other != stock).float().mean() > 0.1, name
+
+
+@pytest.mark.parametrize("family", list(PER_LAYER))
 def test_bf16_within_twice_stock_error(family):
     model, ids = make(family), batch()
     exact = loss_and_grads(model, ids)
