@@ -137,3 +137,12 @@ def test_fp32_lora_with_tf32_set_through_fp32_precision(restore_matmul_precision
     # TF32 keeps 10 mantissa bits: a relative error of about 2**-11 per product
     assert torch.allclose(y.double(), x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t(), rtol=0, atol=1e-2)
     assert torch.allclose(dx.double(), dy64 @ w64 + 2.0 * (dy64 @ b64) @ a64, rtol=0, atol=1e-2)
+
+
+def test_cross_entropy_rows_kernel_compiles_for_both_targets_without_spills(static_report):
+    # the fused loss's row kernel: gradient pass and softcap, loss only, a small vocabulary
+    rows = [r for r in static_report["rows"] if r["kernel"] == "cross_entropy_rows_kernel"]
+    assert {(r["arch"], r["case"]) for r in rows} == {
+        (arch, case) for arch in (90, 80)
+        for case in ("cross-entropy V=32000 grad softcap", "cross-entropy V=32000", "cross-entropy V=100 grad")}
+    assert all(r["fits"] and r["local"] == 0 for r in rows), _describe(rows)
