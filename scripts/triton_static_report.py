@@ -46,6 +46,7 @@ import qlora_kernels.triton
 from qlora_kernels.backends import lora_dequant_mm
 from qlora_kernels.nf4_weight import NF4QuantState, NF4Weight
 from qlora_kernels.triton import lora
+from qlora_kernels.triton.cross_entropy import cross_entropy_rows_triton
 from qlora_kernels.triton.flash_attention import flash_attention_bwd_triton, flash_attention_fwd_triton
 from qlora_kernels.triton.flash_decode import flash_decode_triton
 from qlora_kernels.triton.nf4_dequant import nf4_dequantize_triton
@@ -182,6 +183,18 @@ def _dequant_case(dtype_name: str, blocksize: int, double_quant: bool) -> Case:
     return Case(f"{dtype_name} nf4-bs{blocksize}{'' if double_quant else '-nodq'}", dtype_name, run)
 
 
+def _cross_entropy_case(vocab: int, compute_grad: bool, softcap: bool) -> Case:
+    """The fused loss's row kernel (fp32 logits whatever the model's dtype): a vocabulary past
+    the largest block, or a small one, with or without the gradient pass and the softcap."""
+
+    def run():
+        cross_entropy_rows_triton(_empty(4, vocab, dtype=torch.float32), torch.zeros(4, dtype=torch.int64), -100, 0.1,
+                                  2.0 if softcap else 0.0, 1.0, compute_grad)
+
+    name = f"cross-entropy V={vocab}{' grad' if compute_grad else ''}{' softcap' if softcap else ''}"
+    return Case(name, "float32", run)
+
+
 def _attention_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bool = True, group: int = 4,
                     varlen: bool = False, causal: bool = True, features: bool = True) -> Case:
     """Forward + backward. Dense inputs are [B, H, S, D] views of [B, S, H, D] (what HF passes);
@@ -299,6 +312,7 @@ def cases(full: bool) -> list[Case]:
                         _decode_case(dtype, d), _decode_case(dtype, d, padding=False, varlen=True)]
             for hidden in (64, 1000, 4096, 8192):
                 out += [_norm_case(dtype, hidden, True), _norm_case(dtype, hidden, False)]
+        out += [_cross_entropy_case(v, g, c) for v in (32000, 100) for g in (False, True) for c in (False, True)]
         return out
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
     out += [_lora_case("bfloat16", "nf4-bs128-nodq", r=8, dropout=False, bias=False),
@@ -317,6 +331,8 @@ def cases(full: bool) -> list[Case]:
     out += [_norm_case("bfloat16", h, True) for h in (64, 4096, 8192)] + [_norm_case("bfloat16", 3072, False),
                                                                           _norm_case("bfloat16", 4096, True, "float32"),
                                                                           _norm_case("float32", 8192, False)]
+    out += [_cross_entropy_case(32000, True, True), _cross_entropy_case(32000, False, False),
+            _cross_entropy_case(100, True, False)]
     return out
 
 

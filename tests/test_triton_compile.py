@@ -152,3 +152,12 @@ def test_rms_norm_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
     assert {r["case"] for r in rows} >= {"rms_norm bfloat16 H8192 llama", "rms_norm float32 H8192 gemma"}
     bad = [r for r in rows if r["local"] or not r["fits"]]
     assert not bad, _describe(bad)
+
+
+def test_cross_entropy_rows_kernel_compiles_for_both_targets_without_spills(static_report):
+    # the fused loss's row kernel: gradient pass and softcap, loss only, a small vocabulary
+    rows = [r for r in static_report["rows"] if r["kernel"] == "cross_entropy_rows_kernel"]
+    assert {(r["arch"], r["case"]) for r in rows} == {
+        (arch, case) for arch in (90, 80)
+        for case in ("cross-entropy V=32000 grad softcap", "cross-entropy V=32000", "cross-entropy V=100 grad")}
+    assert all(r["fits"] and r["local"] == 0 for r in rows), _describe(rows)

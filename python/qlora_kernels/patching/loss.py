@@ -28,6 +28,7 @@ and returns []; if the head is replaced after patching, each call runs stock (on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 import warnings
@@ -83,7 +84,11 @@ def unusable_head(head) -> str | None:
 
 
 def _forward(self, *args, **kwargs):
-    patch: _Patch = self.__dict__[_STATE]
+    patch: _Patch | None = self.__dict__.get(_STATE)
+    if patch is None:
+        # unpatched while a wrapper installed later (TRL's fused LM head, accelerate's autocast)
+        # still calls this function: the class's forward
+        return type(self).forward(self, *args, **kwargs)
     if args:
         if len(args) > len(patch.parameters) or any(name in kwargs for name in patch.parameters[:len(args)]):
             return patch.stock_forward(*args, **kwargs)  # stock raises what it raises
@@ -176,9 +181,26 @@ def patch_loss(model: nn.Module) -> list[str]:
                        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
     model.__dict__[_STATE] = _Patch(stock_forward=stock, instance_forward=model.__dict__.get("forward"),
                                     parameters=parameters, softcap=model_type in _SOFTCAP_FAMILIES)
-    # a bound method, as accelerate expects of a model's forward (it rewraps forward.__func__)
-    model.forward = types.MethodType(_forward, model)
+    model.forward = types.MethodType(_signed_like(stock), model)
     return [name]
+
+
+def _signed_like(stock):
+    """_forward under the stock forward's name, docstring and signature: the Trainer keeps only
+    the dataset columns that the forward's signature names, and generate() validates its model
+    kwargs against it. Bound to the model as a method, as accelerate expects (it rewraps
+    forward.__func__)."""
+
+    def forward(self, *args, **kwargs):
+        return _forward(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, getattr(stock, "__func__", stock))
+    forward.__qlora_kernels_loss__ = True
+    return forward
+
+
+def _is_ours(forward) -> bool:
+    return getattr(getattr(forward, "__func__", None), "__qlora_kernels_loss__", False)
 
 
 def unpatch_loss(model: nn.Module) -> None:
@@ -186,7 +208,10 @@ def unpatch_loss(model: nn.Module) -> None:
     patch = model.__dict__.pop(_STATE, None)
     if patch is None:
         return
+    current = model.__dict__.get("forward")
+    if not _is_ours(current):
+        return  # wrapped again since (TRL, accelerate): the wrapper stays and reaches the stock forward
     if patch.instance_forward is None:
-        model.__dict__.pop("forward", None)
+        del model.__dict__["forward"]
     else:
         model.forward = patch.instance_forward
