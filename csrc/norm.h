@@ -11,7 +11,8 @@
 
 namespace qk {
 
-// x: rows of H elements, row r at x + r * x_row_stride (elements; unit stride along H), x_dtype.
+// x: rows of H elements, row r at x + r * x_row_stride (elements, >= 0: rows may overlap; unit
+// stride along H), x_dtype.
 // weight [H] (w_dtype). y [rows, H] contiguous (y_dtype); rstd [rows] fp32. Multithreaded over rows.
 void rms_norm_fwd_cpu(const void* x, DType x_dtype, int64_t x_row_stride, const void* weight, DType w_dtype,
                       int64_t rows, int64_t H, float eps, float offset, bool cast_before_weight, void* y,

@@ -92,7 +92,8 @@ std::vector<float> scale_of(const void* weight, DType w_dtype, int64_t H, float 
 }
 
 void check_sizes(int64_t rows, int64_t H, int64_t x_row_stride) {
-    if (rows < 0 || H < 1 || (rows > 1 && x_row_stride < H))
+    // rows may overlap (an expanded x has row stride 0): they are only read
+    if (rows < 0 || H < 1 || x_row_stride < 0)
         throw std::invalid_argument("rms_norm: bad sizes rows=" + std::to_string(rows) + " H=" + std::to_string(H) +
                                     " x_row_stride=" + std::to_string(x_row_stride));
 }

@@ -174,7 +174,8 @@ def test_mixed_dtypes_bf16_x_fp32_weight(impl, mode):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_contiguous_x(impl):
     base, w, g = _inputs((2, 9, 80), torch.float32)
-    for x in (base[..., 5:69], base.transpose(0, 1), base[:, ::2]):
+    # a slice of wider rows, a transpose, every other row, one row expanded (row stride 0)
+    for x in (base[..., 5:69], base.transpose(0, 1), base[:, ::2], base[0, :1].expand(7, 80)):
         assert not x.is_contiguous()
         w_ = w[: x.shape[-1]]
         dy = torch.randn(x.shape, generator=g)

@@ -150,8 +150,13 @@ def test_bf16_within_twice_stock_error(family):
     _assert_equal(loss_and_grads(low, ids), stock)
 
 
-@pytest.mark.parametrize("family", list(PER_LAYER))
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+# every family with reentrant checkpointing; the non-reentrant one (saved-tensor hooks) on one family
+# of each rounding, and on Qwen3 for its q_norm / k_norm
+CHECKPOINTING = [(f, True) for f in PER_LAYER] + [(f, False) for f in ("llama", "qwen3", "gemma3_text")]
+
+
+@pytest.mark.parametrize(("family", "reentrant"), CHECKPOINTING,
+                         ids=[f"{f}-{'reentrant' if r else 'non-reentrant'}" for f, r in CHECKPOINTING])
 def test_peft_lora_over_nf4_with_gradient_checkpointing(family, reentrant, op_calls):
     model = make(family)
     peft_model = add_lora(model, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -159,7 +164,7 @@ def test_peft_lora_over_nf4_with_gradient_checkpointing(family, reentrant, op_ca
     assert any(isinstance(m, qk.NF4Linear) for m in model.modules())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
-    ids = batch()
+    ids = batch(shape=(1, 16))
     stock = loss_and_grads(peft_model, ids)
     assert stock[1] and all("lora_" in n for n in stock[1])
     names = patch_norm(peft_model.get_base_model())
@@ -208,8 +213,8 @@ def test_fp32_through_the_triton_kernels_on_cpu():
     env = dict(os.environ, TRITON_INTERPRET="1", **{triton_on_cpu.SWITCH: "1"})
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "test_norm_patching.py"),
-         "-k", "test_fp32_matches_stock and (llama or gemma3_text or qwen3)"],
+         "-k", "test_fp32_matches_stock and (llama or gemma3_text)"],
         cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "3 passed" in proc.stdout, proc.stdout[-3000:]
+    assert "2 passed" in proc.stdout, proc.stdout[-3000:]
