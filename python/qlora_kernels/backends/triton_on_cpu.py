@@ -23,7 +23,7 @@ from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as nf4_ops
 from ..ops import nf4_linear as nf4_linear_ops
-from . import cuda
+from . import cuda, swiglu
 from .common import kernel
 
 SWITCH = "QLORA_KERNELS_TRITON_ON_CPU"
@@ -76,3 +76,4 @@ def register() -> None:
     kernel(lora_ops.lora_linear_bwd, "cpu", IMPLEMENTATION)(cuda.triton_lora_linear_bwd)
     kernel(attention_ops.flash_attention_fwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_fwd)
     kernel(attention_ops.flash_attention_bwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_bwd)
+    swiglu.register_triton_on_cpu(IMPLEMENTATION)
