@@ -316,3 +316,23 @@ def test_compiles_fullgraph_forward_and_backward(packed):
     torch.compile(step, backend="aot_eager", fullgraph=True)(g1, u1).backward(dout)
     step(g2, u2).backward(dout)
     assert torch.equal(g1.grad, g2.grad) and torch.equal(u1.grad, u2.grad)
+
+
+@pytest.mark.skipif(_C is None, reason="native module not built")
+def test_cpp_baseline_isa_path():
+    # the C++ step compiled for the baseline x86-64 ISA (pre-AVX2 CPUs) is never taken here by
+    # itself: the forward / backward tests again in a process that names it (read when _C loads)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = ("import sys, pytest; from qlora_kernels._native import native; "
+            "assert native().build_info['cpu_isa'] == 'baseline'; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(Path(__file__))!r}, "
+            "'-k', 'cpp and (match_pytorch or rounding or packed)']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, QLORA_KERNELS_CPU_ISA="baseline"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout
