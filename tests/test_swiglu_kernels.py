@@ -152,11 +152,13 @@ def test_strided_inputs_read_in_place_or_copied(impl, dtype):
     gate, up, dout = _inputs((4, 6, 21), dtype, seed=2)
     want = fwd(gate, up, "silu")
     want_grads = bwd(dout, gate, up, "silu")
-    for name, g in _layouts(gate):
-        for _, u in _layouts(up):
-            assert torch.equal(fwd(g, u, "silu"), want), name
-            for got, w in zip(bwd(dout, g, u, "silu"), want_grads):
-                assert torch.equal(got, w) and got.is_contiguous(), name
+    # each layout for both inputs, and gate and up in different layouts
+    pairs = list(zip(_layouts(gate), _layouts(up)))
+    pairs.append((pairs[0][0], pairs[1][1]))
+    for (name, g), (up_name, u) in pairs:
+        assert torch.equal(fwd(g, u, "silu"), want), (name, up_name)
+        for got, w in zip(bwd(dout, g, u, "silu"), want_grads):
+            assert torch.equal(got, w) and got.is_contiguous(), (name, up_name)
     # one row broadcast over many (stride 0)
     row = gate[:1, :1]
     expanded = row.expand(4, 6, 21)
