@@ -23,6 +23,7 @@ void bind_lora(py::module_& m);
 void bind_loss(py::module_& m);
 void bind_norm(py::module_& m);
 void bind_rope(py::module_& m);
+void bind_swiglu(py::module_& m);
 
 using qk::binding::dtype_tag;
 using qk::binding::nested_of;
@@ -156,4 +157,5 @@ PYBIND11_MODULE(_C, m) {
     bind_loss(m);
     bind_norm(m);
     bind_rope(m);
+    bind_swiglu(m);
 }

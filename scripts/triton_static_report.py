@@ -50,6 +50,7 @@ from qlora_kernels.triton.cross_entropy import cross_entropy_rows_triton
 from qlora_kernels.triton.flash_attention import flash_attention_bwd_triton, flash_attention_fwd_triton
 from qlora_kernels.triton.flash_decode import flash_decode_triton
 from qlora_kernels.triton.nf4_dequant import nf4_dequantize_triton
+from qlora_kernels.triton.swiglu import swiglu_bwd_triton, swiglu_fwd_triton
 
 # Shared memory per block (opt-in maximum) of the targets; CUDA C Programming Guide,
 # "Technical Specifications per Compute Capability".
@@ -281,6 +282,27 @@ def _norm_case(dtype_name: str, hidden: int, cast_before_weight: bool, weight_dt
                 dtype_name, run)
 
 
+def _swiglu_case(dtype_name: str, activation: str, packed: bool = False) -> Case:
+    """SwiGLU forward + backward on 48 rows of 4096 (a Llama-7B-like row is 11008; the kernels
+    tile columns only); `packed`: gate and up the halves of one gate_up, as Phi-3 has them."""
+    dtype = getattr(torch, dtype_name)
+    rows, cols = 48, 4096
+
+    def run():
+        if packed:
+            gate_up = _empty(rows, 2 * cols, dtype=dtype)
+            gate, up = gate_up[:, :cols], gate_up[:, cols:]
+            dgate_up = torch.empty_like(gate_up)
+            dgate, dup = dgate_up[:, :cols], dgate_up[:, cols:]
+        else:
+            gate, up, dgate, dup = (_empty(rows, cols, dtype=dtype) for _ in range(4))
+        out = _empty(rows, cols, dtype=dtype)
+        swiglu_fwd_triton(gate, up, out, activation)
+        swiglu_bwd_triton(out, gate, up, dgate, dup, activation)
+
+    return Case(f"{dtype_name} swiglu {activation}{' packed' if packed else ''}", dtype_name, run)
+
+
 def cases(full: bool) -> list[Case]:
     """The specializations compiled. CI's set reaches every kernel and every entry of every tile
     table: each W path of the LoRA kernels (dense; NF4 with one absmax per tile row or per
@@ -312,6 +334,8 @@ def cases(full: bool) -> list[Case]:
                         _decode_case(dtype, d), _decode_case(dtype, d, padding=False, varlen=True)]
             for hidden in (64, 1000, 4096, 8192):
                 out += [_norm_case(dtype, hidden, True), _norm_case(dtype, hidden, False)]
+            out += [_swiglu_case(dtype, activation, packed) for activation in ("silu", "gelu_tanh")
+                    for packed in (False, True)]
         out += [_cross_entropy_case(v, g, c) for v in (32000, 100) for g in (False, True) for c in (False, True)]
         return out
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
@@ -333,6 +357,8 @@ def cases(full: bool) -> list[Case]:
                                                                           _norm_case("float32", 8192, False)]
     out += [_cross_entropy_case(32000, True, True), _cross_entropy_case(32000, False, False),
             _cross_entropy_case(100, True, False)]
+    out += [_swiglu_case("bfloat16", "silu"), _swiglu_case("bfloat16", "gelu_tanh", packed=True),
+            _swiglu_case("float32", "silu", packed=True), _swiglu_case("float16", "gelu_tanh")]
     return out
 
 

@@ -161,3 +161,21 @@ def test_cross_entropy_rows_kernel_compiles_for_both_targets_without_spills(stat
         (arch, case) for arch in (90, 80)
         for case in ("cross-entropy V=32000 grad softcap", "cross-entropy V=32000", "cross-entropy V=100 grad")}
     assert all(r["fits"] and r["local"] == 0 for r in rows), _describe(rows)
+
+
+def test_swiglu_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
+    # the SwiGLU cases alone (the whole report is the fixture above): both kernels, every case,
+    # both targets, no local memory, no shared memory beyond the device's
+    path = tmp_path / "swiglu.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--case", "swiglu", "--jobs", "1", "--json", str(path)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = json.loads(path.read_text())["rows"]
+    cases = {r["case"] for r in rows}
+    assert len(cases) >= 4 and any("packed" in c for c in cases) and any("gelu_tanh" in c for c in cases)
+    for case in cases:
+        assert {(r["arch"], r["kernel"]) for r in rows if r["case"] == case} == {
+            (arch, kernel) for arch in (90, 80) for kernel in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")}, case
+    bad = [r for r in rows if r["local"] or not r["fits"]]
+    assert not bad, _describe(bad)

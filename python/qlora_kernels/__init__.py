@@ -28,6 +28,8 @@ register_attention()                    makes attn_implementation="qlora_kernels
                                         transformers (done at import when transformers is
                                         already imported).
 patch_lora(model) / unpatch_lora(model)             PEFT LoRA layers -> lora_linear.
+swiglu(gate, up, activation="silu") / swiglu_packed(gate_up, activation="silu")
+                                        act(gate) * up (silu or gelu_tanh), fwd + bwd in one pass each.
 backends()                              what was compiled and what is usable here.
 """
 
@@ -59,6 +61,7 @@ from .patching import (
     unpatch_lora,
 )
 from .patching.attention import register as register_attention
+from .swiglu import swiglu, swiglu_packed
 
 __version__ = "0.1.0"
 
@@ -90,4 +93,6 @@ __all__ = [
     "nf4_quantize",
     "quantize_model",
     "rms_norm",
+    "swiglu",
+    "swiglu_packed",
 ]

@@ -24,7 +24,7 @@ from ..ops import lora as lora_ops
 from ..ops import nf4 as nf4_ops
 from ..ops import nf4_linear as nf4_linear_ops
 from ..ops import rope as rope_ops
-from . import cuda, rope
+from . import cuda, rope, swiglu
 from . import loss as loss_backend
 from . import norm as norm_backend
 from .common import kernel
@@ -82,3 +82,4 @@ def register() -> None:
     loss_backend.register_triton_on_cpu(IMPLEMENTATION)
     norm_backend.register_triton_for_cpu(IMPLEMENTATION)
     kernel(rope_ops.rope, "cpu", IMPLEMENTATION)(rope.rope_triton_kernel)
+    swiglu.register_triton_on_cpu(IMPLEMENTATION)
