@@ -27,14 +27,11 @@ def applicable_parts(family: str, parts: tuple[str, ...]) -> tuple[tuple[str, ..
     """The parts of `parts` the family has, and those it has not (part -> why): OPT and Bloom
     have no RMSNorm, rotary embedding or gated MLP, so switching those off changes nothing."""
     from ..patching.families import FAMILIES as REGISTRY
-    from ..patching.families import PART_MODULES
 
     kept, not_applicable = [], {}
     for part in parts:
         if part in ("attention", "lora") or part in REGISTRY[family].parts:
             kept.append(part)
-        elif part not in PART_MODULES:
-            not_applicable[part] = "not in this build of qlora_kernels"
         else:
             not_applicable[part] = f"{family} has nothing this part replaces"
     return tuple(kept), not_applicable

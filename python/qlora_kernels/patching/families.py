@@ -5,13 +5,13 @@ training step (loss, norm, rope, mlp: patching/<part>.py) apply to it."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Mapping
 from types import MappingProxyType, ModuleType
 from typing import Callable
 
 from torch import nn
 
+from . import loss, mlp, norm, rope
 from .attention import clear_strict, patch_interface, set_strict, unpatch_interface
 from .bloom import patch_bloom, unpatch_bloom
 
@@ -22,20 +22,7 @@ PARTS = ("loss", "norm", "rope", "mlp")
 PART_WHAT = {"loss": "lm_head + cross-entropy", "norm": "RMSNorm", "rope": "rotary embedding",
              "mlp": "gated MLP (SwiGLU)"}
 
-
-def _part_modules() -> dict[str, ModuleType]:
-    modules = {}
-    for part in PARTS:
-        name = f"{__package__}.{part}"
-        try:
-            modules[part] = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a part this build does not have; an error inside one is raised
-            if e.name != name:
-                raise
-    return modules
-
-
-PART_MODULES = _part_modules()
+PART_MODULES: dict[str, ModuleType] = {"loss": loss, "norm": norm, "rope": rope, "mlp": mlp}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +69,7 @@ SUPPORTED = {name: family.description for name, family in FAMILIES.items()}
 
 
 def part_functions(part: str) -> tuple[Callable[[nn.Module], list[str]], Callable[[nn.Module], None]]:
-    """(patch_<part>, unpatch_<part>) of a part of PARTS that this build has."""
+    """(patch_<part>, unpatch_<part>) of a part of PARTS."""
     module = PART_MODULES[part]
     return getattr(module, f"patch_{part}"), getattr(module, f"unpatch_{part}")
 

@@ -150,9 +150,7 @@ def _plan_parts(hf: nn.Module | None, model_type: str | None, wanted: dict[str, 
         return [], {}, [f"{', '.join(requested)}: {why}"]
     todo, not_applicable = [], {}
     for part in requested:
-        if part not in PART_MODULES:
-            not_applicable[part] = "not in this build of qlora_kernels"
-        elif part in family.parts:
+        if part in family.parts:
             todo.append(part)
         else:
             covered = ", ".join(PART_MODULES[part].FAMILIES)
