@@ -32,19 +32,22 @@ def test_configurations_switch_off_one_part_each():
     assert cfg.parts == ("attention", "lora", "loss") and set(cfg.not_applicable) == {"norm", "rope", "mlp"}
     cfg = RunConfig.resolve("llama", "test", None, None, None, None, 0, "cpu", "both", 1, None, "mlp,loss")
     assert cfg.parts == ("loss", "mlp")  # in PARTS' order
+    cfg = RunConfig.resolve("llama", "test", None, None, None, None, 0, "cpu", "both", 1, None, "all")
+    assert cfg.parts == PARTS and not cfg.not_applicable and len(cfg.configurations) == 2 + len(PARTS)
 
 
 def test_finetune_parts_llama(tmp_path, capsys):
-    assert main(["finetune", "--size", "test", "--steps", "2", "--seq-len", "16", "--parts", "--in-process",
-                 "--out", str(tmp_path)]) == 0
+    parts = ["attention", "loss", "mlp"]  # bare --parts: all six (test_configurations_switch_off_one_part_each)
+    assert main(["finetune", "--size", "test", "--steps", "2", "--seq-len", "16", "--parts", ",".join(parts),
+                 "--in-process", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     record = _record(tmp_path, "llama")
-    names = ["stock", "patched", *(f"patched -{part}" for part in PARTS)]
-    assert list(record["runs"]) == names and record["config"]["parts"] == list(PARTS)
+    names = ["stock", "patched", *(f"patched -{part}" for part in parts)]
+    assert list(record["runs"]) == names and record["config"]["parts"] == parts
     assert record["config"]["configurations"]["patched -loss"] == {"loss": False}
     assert record["source"] == source_commit()
     summary = record["summary"]
-    assert set(summary["over_stock"]) == set(names[1:]) and list(summary["part_effect"]) == list(PARTS)
+    assert set(summary["over_stock"]) == set(names[1:]) and list(summary["part_effect"]) == parts
     for name in names:
         assert summary[name]["tokens_per_s"] > 0
         assert summary[name]["peak_mb"] is None or summary[name]["peak_mb"] > 0
@@ -56,7 +59,7 @@ def test_finetune_parts_llama(tmp_path, capsys):
     for name in names:
         assert f"\n{name} " in printed
     assert "patched -loss/stock" in printed and "effect of a part" in printed
-    assert all(f"\n{part} " in printed for part in PARTS)
+    assert all(f"\n{part} " in printed for part in parts)
     # each patched configuration patched what it says
     for name in names[1:]:
         report = record["runs"][name]["patch"]
