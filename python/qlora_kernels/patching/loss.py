@@ -18,7 +18,8 @@ transformers computes a loss only then), the output is a ModelOutput (`return_di
 * the result is the model's usual output class with that loss and **`logits=None`** (the point:
   the [batch, seq, vocab] logits are never made); its other fields are the stock forward's.
 
-Any other call runs the stock forward unchanged (evaluation, generation, no labels). The fused
+Any other call runs the stock forward unchanged (evaluation, generation, no labels, a forward
+traced by torch.compile). The fused
 path needs a plain `lm_head` weight: a `torch.nn.Linear` with nn.Linear's own forward and a dense
 float weight. `patch_loss` on a model whose `lm_head` is anything else (a PEFT LoRA layer on the
 head, bitsandbytes' Linear4bit, NF4Linear, a sharded DTensor weight) patches nothing, warns once
@@ -94,8 +95,10 @@ def _forward(self, *args, **kwargs):
             return patch.stock_forward(*args, **kwargs)  # stock raises what it raises
         kwargs.update(zip(patch.parameters, args))
     labels = kwargs.get("labels")
+    # the fused path holds a hook on lm_head for the call, which torch.compile cannot trace
+    # (registering it mutates torch's handle counter): a compiled forward keeps the stock loss
     if (labels is None or not self.training or kwargs.get("return_dict") is False
-            or not _keeps_every_position(kwargs.get("logits_to_keep", 0)) or not _stock_loss(self)):
+            or torch.compiler.is_compiling() or not _keeps_every_position(kwargs.get("logits_to_keep", 0)) or not _stock_loss(self)):
         return patch.stock_forward(**kwargs)
     head = self.get_output_embeddings()
     reason = unusable_head(head)
