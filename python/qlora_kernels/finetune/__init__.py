@@ -17,8 +17,8 @@ makes the model's vocabulary larger, the data stay bytes) of the Python standard
 .py sources, which every machine has. Each side runs in a fresh process
 (so that peak memory is its own), shows a progress bar and the first step's loss of both is
 compared before anything is timed. Writes `finetune.json` (config, device, versions, the git
-commit of the source, per-step losses and times of every side, summary) and `finetune.png` (loss curves, throughput and memory bars)
-to `<out>/finetune-<family>-<size>-<yyyymmdd-HHMMSS>/`.
+commit of the source, per-step losses and times of every side, summary) and `finetune.png`
+(loss curves, throughput and memory bars) to `<out>/finetune-<family>-<size>-<yyyymmdd-HHMMSS>/`.
 
 Modules: presets (shapes, run defaults, the checked RunConfig), data (the batches), recipe
 (checkpoint and QLoRA loading), train (one side, its time and memory), report (summary,

@@ -97,8 +97,8 @@ def _forward(self, *args, **kwargs):
     labels = kwargs.get("labels")
     # the fused path holds a hook on lm_head for the call, which torch.compile cannot trace
     # (registering it mutates torch's handle counter): a compiled forward keeps the stock loss
-    if (labels is None or not self.training or kwargs.get("return_dict") is False
-            or torch.compiler.is_compiling() or not _keeps_every_position(kwargs.get("logits_to_keep", 0)) or not _stock_loss(self)):
+    if (labels is None or not self.training or kwargs.get("return_dict") is False or torch.compiler.is_compiling()
+            or not _keeps_every_position(kwargs.get("logits_to_keep", 0)) or not _stock_loss(self)):
         return patch.stock_forward(**kwargs)
     head = self.get_output_embeddings()
     reason = unusable_head(head)
