@@ -14,12 +14,20 @@
 namespace qk {
 namespace {
 
-// exp(x) for x <= 0, branch-free so that the row loops vectorize (std::exp does not): 2^n * p(r)
-// with n = round(x / ln 2), r = x - n ln 2 split in two constants (Cody-Waite), p the degree-6
-// Taylor polynomial (relative error < 2e-7 on |r| <= ln2 / 2). Below -87.3 (2^-126) it flushes to 0.
+// exp(x) for x <= 0, written so that the row loops vectorize on baseline x86-64 (std::exp does
+// not, nor nearbyint, nor a float compare under -ftrapping-math): 2^n * p(r) with
+// n = round(x / ln 2) by the 1.5 * 2^23 trick (n read back from the sum's low bits), r = x - n ln 2
+// split in two constants (Cody-Waite), p the degree-6 Taylor polynomial (relative error < 2e-7 on
+// |r| <= ln2 / 2). x below -87.3 (exp < 2^-126) is clamped there, on the bits: a negative float's
+// bits grow with its magnitude.
 inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.3f);
-    const float n = std::nearbyint(x * 1.44269504088896341f);
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    u = u > 0xC2AE999Au ? 0xC2AE999Au : u;  // -87.3f
+    std::memcpy(&x, &u, sizeof(x));
+    const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const float t = x * 1.44269504088896341f + shifter;
+    const float n = t - shifter;
     const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
     float p = 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
@@ -28,13 +36,19 @@ inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t bits;
+    int32_t t_bits, shifter_bits, bits;
+    std::memcpy(&t_bits, &t, sizeof(t_bits));
+    std::memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
     std::memcpy(&bits, &p, sizeof(bits));
-    bits += static_cast<int32_t>(n) * (1 << 23);
+    bits += (t_bits - shifter_bits) * (1 << 23);
     float out;
     std::memcpy(&out, &bits, sizeof(out));
     return out;
 }
+
+// Independent partial sums / maxima per lane: the compiler may not reorder one float sum (it is
+// not associative) but vectorizes these lanes.
+constexpr int64_t kLanes = 16;
 
 struct RowStats {
     float max;
@@ -49,18 +63,53 @@ void softcap_row(float* x, int64_t vocab, float softcap) {
 }
 
 RowStats row_stats(const float* z, int64_t vocab) {
-    float m = -std::numeric_limits<float>::infinity();
-    float sum_z = 0.0f;
-    for (int64_t j = 0; j < vocab; ++j) {
+    const int64_t body = vocab - vocab % kLanes;
+    // the max on order-preserving integer keys (a float compare does not vectorize under
+    // -ftrapping-math): key(f) = bits(f), with the magnitude bits flipped for negative f
+    int32_t max_key[kLanes];
+    float sum_lane[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) {
+        max_key[k] = std::numeric_limits<int32_t>::min();
+        sum_lane[k] = 0.0f;
+    }
+    bool nan = false;
+    for (int64_t j = 0; j < body; j += kLanes) {
+        for (int64_t k = 0; k < kLanes; ++k) {
+            const float v = z[j + k];
+            int32_t key;
+            std::memcpy(&key, &v, sizeof(key));
+            key ^= (key >> 31) & 0x7FFFFFFF;
+            max_key[k] = key > max_key[k] ? key : max_key[k];
+            sum_lane[k] += v;
+        }
+    }
+    float m = -std::numeric_limits<float>::infinity(), sum_z = 0.0f;
+    for (int64_t k = 0; k < kLanes; ++k) {
+        int32_t key = max_key[k];
+        key ^= (key >> 31) & 0x7FFFFFFF;
+        float v;
+        std::memcpy(&v, &key, sizeof(v));
+        if (max_key[k] != std::numeric_limits<int32_t>::min()) m = std::max(m, v);
+        sum_z += sum_lane[k];
+    }
+    for (int64_t j = body; j < vocab; ++j) {
         m = std::max(m, z[j]);
         sum_z += z[j];
     }
+    // the max above skips NaN; a NaN logit makes the sum NaN, and then the row's loss
+    nan = std::isnan(sum_z);
     float s = 0.0f;
-    if (std::isfinite(m)) {
-        for (int64_t j = 0; j < vocab; ++j) s += exp_nonpositive(z[j] - m);
+    if (std::isfinite(m) && !nan) {
+        for (int64_t k = 0; k < kLanes; ++k) sum_lane[k] = 0.0f;
+        for (int64_t j = 0; j < body; j += kLanes) {
+            for (int64_t k = 0; k < kLanes; ++k) sum_lane[k] += exp_nonpositive(z[j + k] - m);
+        }
+        for (int64_t k = 0; k < kLanes; ++k) s += sum_lane[k];
+        for (int64_t j = body; j < vocab; ++j) s += exp_nonpositive(z[j] - m);
     } else {
         // +inf or NaN somewhere (or every logit -inf): let exp / log propagate it as torch does
         for (int64_t j = 0; j < vocab; ++j) s += std::exp(z[j] - m);
+        if (nan) s = std::numeric_limits<float>::quiet_NaN();
     }
     return {m, m + std::log(s), sum_z};
 }
