@@ -49,6 +49,7 @@ from qlora_kernels.triton import lora
 from qlora_kernels.triton.flash_attention import flash_attention_bwd_triton, flash_attention_fwd_triton
 from qlora_kernels.triton.flash_decode import flash_decode_triton
 from qlora_kernels.triton.nf4_dequant import nf4_dequantize_triton
+from qlora_kernels.triton.rope import rope_triton
 
 # Shared memory per block (opt-in maximum) of the targets; CUDA C Programming Guide,
 # "Technical Specifications per Compute Capability".
@@ -249,6 +250,32 @@ def _decode_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bo
     return Case(f"{dtype_name} decode {' '.join(flags)}", dtype_name, run)
 
 
+def _rope_case(dtype_name: str, head_dim: int, rotary_dim: int, cos_dtype: str | None = None) -> Case:
+    """Forward and backward rotation of q (8 heads) and k (2 heads) as HF passes them ([B, H, S, D]
+    views of [B, S, H, D]) with cos / sin [1, S, rotary_dim]; rotary_dim < head_dim copies the rest."""
+    dtype = getattr(torch, dtype_name)
+    tables = getattr(torch, cos_dtype) if cos_dtype else dtype
+
+    def run():
+        B, S = 2, 100
+        q = _empty(B, S, 8, head_dim, dtype=dtype).transpose(1, 2)
+        k = _empty(B, S, 2, head_dim, dtype=dtype).transpose(1, 2)
+        cos, sin = _empty(1, S, rotary_dim, dtype=tables), _empty(1, S, rotary_dim, dtype=tables)
+        for backward in (False, True):
+            rope_triton(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), backward)
+
+    flags = f"D{head_dim} rotary{rotary_dim}" + (f" {cos_dtype} tables" if cos_dtype else "")
+    return Case(f"{dtype_name} rope {flags}", dtype_name, run)
+
+
+def _rope_cases(full: bool) -> list[Case]:
+    if full:
+        return [_rope_case(dtype, d, r) for dtype in ("bfloat16", "float16", "float32")
+                for d, r in ((64, 64), (96, 32), (96, 96), (128, 128), (256, 256), (128, 64))]
+    return [_rope_case("bfloat16", 128, 128), _rope_case("float32", 64, 64), _rope_case("bfloat16", 96, 32),
+            _rope_case("float16", 256, 256), _rope_case("bfloat16", 128, 128, "float32")]
+
+
 def cases(full: bool) -> list[Case]:
     """The specializations compiled. CI's set reaches every kernel and every entry of every tile
     table: each W path of the LoRA kernels (dense; NF4 with one absmax per tile row or per
@@ -278,7 +305,7 @@ def cases(full: bool) -> list[Case]:
                 out += [_attention_case(dtype, d, causal=False, features=False),
                         _attention_case(dtype, d, causal=False), _decode_case(dtype, d, False, False, False),
                         _decode_case(dtype, d), _decode_case(dtype, d, padding=False, varlen=True)]
-        return out
+        return out + _rope_cases(full)
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
     out += [_lora_case("bfloat16", "nf4-bs128-nodq", r=8, dropout=False, bias=False),
             _lora_case("float16", "dense", r=32)]
@@ -293,7 +320,7 @@ def cases(full: bool) -> list[Case]:
             _attention_case("bfloat16", 128, features=False)]
     out += [_decode_case("bfloat16", d) for d in (64, 128, 256)] + [_decode_case("float32", 256)]
     out += [_decode_case("bfloat16", 128, padding=False, varlen=True)]
-    return out
+    return out + _rope_cases(full)
 
 
 def record(case: Case) -> list[Launch]:

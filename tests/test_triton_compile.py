@@ -137,3 +137,13 @@ def test_fp32_lora_with_tf32_set_through_fp32_precision(restore_matmul_precision
     # TF32 keeps 10 mantissa bits: a relative error of about 2**-11 per product
     assert torch.allclose(y.double(), x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t(), rtol=0, atol=1e-2)
     assert torch.allclose(dx.double(), dy64 @ w64 + 2.0 * (dy64 @ b64) @ a64, rtol=0, atol=1e-2)
+
+
+def test_rope_kernel_compiles_for_both_targets_without_spills(static_report):
+    # forward and backward, full and partial rotary, bf16 / fp16 / fp32 (fp32 tables with bf16 q)
+    rows = [r for r in static_report["rows"] if r["kernel"] == "_rope_kernel"]
+    assert {r["arch"] for r in rows} == {90, 80}
+    assert {r["case"] for r in rows} >= {"bfloat16 rope D128 rotary128", "bfloat16 rope D96 rotary32",
+                                         "float32 rope D64 rotary64", "float16 rope D256 rotary256"}
+    bad = [r for r in rows if not r["fits"] or r["local"]]
+    assert not bad, _describe(bad)
