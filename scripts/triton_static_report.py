@@ -50,6 +50,7 @@ from qlora_kernels.triton.cross_entropy import cross_entropy_rows_triton
 from qlora_kernels.triton.flash_attention import flash_attention_bwd_triton, flash_attention_fwd_triton
 from qlora_kernels.triton.flash_decode import flash_decode_triton
 from qlora_kernels.triton.nf4_dequant import nf4_dequantize_triton
+from qlora_kernels.triton.rope import rope_triton
 from qlora_kernels.triton.swiglu import swiglu_bwd_triton, swiglu_fwd_triton
 
 # Shared memory per block (opt-in maximum) of the targets; CUDA C Programming Guide,
@@ -303,6 +304,32 @@ def _swiglu_case(dtype_name: str, activation: str, packed: bool = False) -> Case
     return Case(f"{dtype_name} swiglu {activation}{' packed' if packed else ''}", dtype_name, run)
 
 
+def _rope_case(dtype_name: str, head_dim: int, rotary_dim: int, cos_dtype: str | None = None) -> Case:
+    """Forward and backward rotation of q (8 heads) and k (2 heads) as HF passes them ([B, H, S, D]
+    views of [B, S, H, D]) with cos / sin [1, S, rotary_dim]; rotary_dim < head_dim copies the rest."""
+    dtype = getattr(torch, dtype_name)
+    tables = getattr(torch, cos_dtype) if cos_dtype else dtype
+
+    def run():
+        B, S = 2, 100
+        q = _empty(B, S, 8, head_dim, dtype=dtype).transpose(1, 2)
+        k = _empty(B, S, 2, head_dim, dtype=dtype).transpose(1, 2)
+        cos, sin = _empty(1, S, rotary_dim, dtype=tables), _empty(1, S, rotary_dim, dtype=tables)
+        for backward in (False, True):
+            rope_triton(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), backward)
+
+    flags = f"D{head_dim} rotary{rotary_dim}" + (f" {cos_dtype} tables" if cos_dtype else "")
+    return Case(f"{dtype_name} rope {flags}", dtype_name, run)
+
+
+def _rope_cases(full: bool) -> list[Case]:
+    if full:
+        return [_rope_case(dtype, d, r) for dtype in ("bfloat16", "float16", "float32")
+                for d, r in ((64, 64), (96, 32), (96, 96), (128, 128), (256, 256), (128, 64))]
+    return [_rope_case("bfloat16", 128, 128), _rope_case("float32", 64, 64), _rope_case("bfloat16", 96, 32),
+            _rope_case("float16", 256, 256), _rope_case("bfloat16", 128, 128, "float32")]
+
+
 def cases(full: bool) -> list[Case]:
     """The specializations compiled. CI's set reaches every kernel and every entry of every tile
     table: each W path of the LoRA kernels (dense; NF4 with one absmax per tile row or per
@@ -337,7 +364,7 @@ def cases(full: bool) -> list[Case]:
             out += [_swiglu_case(dtype, activation, packed) for activation in ("silu", "gelu_tanh")
                     for packed in (False, True)]
         out += [_cross_entropy_case(v, g, c) for v in (32000, 100) for g in (False, True) for c in (False, True)]
-        return out
+        return out + _rope_cases(full)
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
     out += [_lora_case("bfloat16", "nf4-bs128-nodq", r=8, dropout=False, bias=False),
             _lora_case("float16", "dense", r=32)]
@@ -359,7 +386,7 @@ def cases(full: bool) -> list[Case]:
             _cross_entropy_case(100, True, False)]
     out += [_swiglu_case("bfloat16", "silu"), _swiglu_case("bfloat16", "gelu_tanh", packed=True),
             _swiglu_case("float32", "silu", packed=True), _swiglu_case("float16", "gelu_tanh")]
-    return out
+    return out + _rope_cases(full)
 
 
 def record(case: Case) -> list[Launch]:

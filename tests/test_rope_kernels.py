@@ -319,3 +319,18 @@ def test_registered_backends():
 
     assert REGISTERED["rope"]["cpu"] in ("C++", "Triton (interpreter)")
     assert REGISTERED["rope"]["cuda"] == "Triton"
+
+
+def test_traces_under_torch_compile_fullgraph():
+    # the fake implementation and the autograd let torch.compile trace forward and backward
+    # without a graph break (aot_eager: the op itself runs, no code generated)
+    q, k, cos, sin = make_inputs(D=24, rotary_dim=12)
+    compiled = torch.compile(qk.apply_rotary, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, qk.apply_rotary):
+        qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+        q_out, k_out = fn(qq, kk, cos, sin)
+        (q_out.square().sum() + k_out.sum()).backward()
+        results.append((q_out.detach(), k_out.detach(), qq.grad, kk.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

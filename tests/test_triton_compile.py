@@ -179,3 +179,13 @@ def test_swiglu_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
             (arch, kernel) for arch in (90, 80) for kernel in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")}, case
     bad = [r for r in rows if r["local"] or not r["fits"]]
     assert not bad, _describe(bad)
+
+
+def test_rope_kernel_compiles_for_both_targets_without_spills(static_report):
+    # forward and backward, full and partial rotary, bf16 / fp16 / fp32 (fp32 tables with bf16 q)
+    rows = [r for r in static_report["rows"] if r["kernel"] == "_rope_kernel"]
+    assert {r["arch"] for r in rows} == {90, 80}
+    assert {r["case"] for r in rows} >= {"bfloat16 rope D128 rotary128", "bfloat16 rope D96 rotary32",
+                                         "float32 rope D64 rotary64", "float16 rope D256 rotary256"}
+    bad = [r for r in rows if not r["fits"] or r["local"]]
+    assert not bad, _describe(bad)

@@ -66,7 +66,7 @@ def op_backends(device_type: str) -> dict[str, str]:
 
 
 def _all_ops():
-    from .ops import attention, lora, loss, nf4, nf4_linear, norm, swiglu
+    from .ops import attention, lora, loss, nf4, nf4_linear, norm, rope, swiglu
 
     return [
         nf4.nf4_quantize_blocks, nf4.nf4_dequantize, nf4.nf4_dequantize_out, nf4.quantize_blockwise_8bit,
@@ -74,4 +74,5 @@ def _all_ops():
         attention.flash_attention_fwd, attention.flash_attention_bwd, loss.linear_cross_entropy,
         norm.rms_norm_fwd, norm.rms_norm_bwd,
         swiglu.swiglu_fwd, swiglu.swiglu_bwd, swiglu.swiglu_packed_fwd, swiglu.swiglu_packed_bwd,
+        rope.rope,
     ]
