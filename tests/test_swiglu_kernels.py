@@ -348,3 +348,22 @@ def test_cpp_narrower_isa_paths(isa):
                           env=dict(os.environ, QLORA_KERNELS_CPU_ISA=isa))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_triton_through_the_ops(dtype, activation):
+    # on a GPU the ops dispatch to the Triton kernels: the same criteria as on the CPU, the
+    # packed layout and the gradients through autograd included
+    gate, up, dout = (t.cuda() for t in _inputs((3, 7, 3001), dtype, seed=8))
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    out = qk.swiglu(g, u, activation)
+    out.backward(dout)
+    exact = tuple(t.cpu() for t in _exact(gate, up, dout, activation))
+    stock = tuple(t.cpu() for t in _stock_in_dtype(gate, up, dout, activation))
+    _assert_close_to_exact((out.detach().cpu(), g.grad.cpu(), u.grad.cpu()), stock, exact, dtype)
+    gate_up = torch.cat([gate, up], dim=-1).requires_grad_()
+    packed = qk.swiglu_packed(gate_up, activation)
+    packed.backward(dout)
+    assert torch.equal(packed, out) and torch.equal(gate_up.grad, torch.cat([g.grad, u.grad], dim=-1))
