@@ -6,7 +6,8 @@ bytes autograd keeps for the backward, per call.
 
 Stock is `act(gate) * up` as Llama's / Gemma's MLP computes it (autograd keeps gate, up and
 act(gate)); ours is `qlora_kernels.swiglu` (keeps gate and up). Prints the median of `repeats`
-runs after one warm-up (CPU allocations kept in glibc's heap, as `qlora-kernels bench` does), and the saved bytes counted through torch.autograd.graph.saved_tensors_hooks.
+runs after one warm-up (CPU allocations kept in glibc's heap, as `qlora-kernels bench` does),
+and the saved bytes counted through torch.autograd.graph.saved_tensors_hooks.
 """
 
 from __future__ import annotations
