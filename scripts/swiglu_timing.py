@@ -6,7 +6,8 @@ bytes autograd keeps for the backward, per call.
 
 Stock is `act(gate) * up` as Llama's / Gemma's MLP computes it (autograd keeps gate, up and
 act(gate)); ours is `qlora_kernels.swiglu` (keeps gate and up). Prints the median of `repeats`
-runs after one warm-up, and the saved bytes counted through torch.autograd.graph.saved_tensors_hooks.
+runs after one warm-up (CPU allocations kept in glibc's heap, as `qlora-kernels bench` does),
+and the saved bytes counted through torch.autograd.graph.saved_tensors_hooks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import torch
 
 import qlora_kernels as qk
+from qlora_kernels.bench.timing import warm_cpu_allocations
 from qlora_kernels.reference import swiglu as ref
 
 
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        warm_cpu_allocations()  # as `qlora-kernels bench`: no first-touch page faults in the timings
     shape = (args.tokens, args.intermediate)
     gate = torch.randn(shape, device=device).to(dtype).requires_grad_()
     up = torch.randn(shape, device=device).to(dtype).requires_grad_()

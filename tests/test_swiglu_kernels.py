@@ -320,10 +320,20 @@ def test_compiles_fullgraph_forward_and_backward(packed):
     assert torch.equal(g1.grad, g2.grad) and torch.equal(u1.grad, u2.grad)
 
 
+def _isa_supported(level: str) -> bool:
+    from test_baseline_isa import _supported
+
+    return _supported(level)
+
+
 @pytest.mark.skipif(_C is None, reason="native module not built")
-def test_cpp_baseline_isa_path():
-    # the C++ step compiled for the baseline x86-64 ISA (pre-AVX2 CPUs) is never taken here by
-    # itself: the forward / backward tests again in a process that names it (read when _C loads)
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpp_narrower_isa_paths(isa):
+    # the C++ steps compiled for the baseline x86-64 ISA (pre-AVX2 CPUs) and for AVX2 (8 lanes)
+    # are not taken by themselves on an AVX-512 CPU: the forward / backward tests again in a
+    # process that names the level (read when _C loads)
+    if not _isa_supported(isa):
+        pytest.fail(f"this CPU lacks {isa}")  # every x86-64 CI machine has AVX2
     import os
     import subprocess
     import sys
@@ -331,10 +341,29 @@ def test_cpp_baseline_isa_path():
 
     tests = Path(__file__).resolve().parent
     code = ("import sys, pytest; from qlora_kernels._native import native; "
-            "assert native().build_info['cpu_isa'] == 'baseline'; "
+            f"assert native().build_info['cpu_isa'] == {isa!r}; "
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(Path(__file__))!r}, "
             "'-k', 'cpp and (match_pytorch or rounding or packed)']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, QLORA_KERNELS_CPU_ISA="baseline"))
+                          env=dict(os.environ, QLORA_KERNELS_CPU_ISA=isa))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_triton_through_the_ops(dtype, activation):
+    # on a GPU the ops dispatch to the Triton kernels: the same criteria as on the CPU, the
+    # packed layout and the gradients through autograd included
+    gate, up, dout = (t.cuda() for t in _inputs((3, 7, 3001), dtype, seed=8))
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    out = qk.swiglu(g, u, activation)
+    out.backward(dout)
+    exact = tuple(t.cpu() for t in _exact(gate, up, dout, activation))
+    stock = tuple(t.cpu() for t in _stock_in_dtype(gate, up, dout, activation))
+    _assert_close_to_exact((out.detach().cpu(), g.grad.cpu(), u.grad.cpu()), stock, exact, dtype)
+    gate_up = torch.cat([gate, up], dim=-1).requires_grad_()
+    packed = qk.swiglu_packed(gate_up, activation)
+    packed.backward(dout)
+    assert torch.equal(packed, out) and torch.equal(gate_up.grad, torch.cat([g.grad, u.grad], dim=-1))

@@ -3,8 +3,10 @@
 `QLORA_KERNELS_TRITON_ON_CPU=1` (read once, when the backends are registered at import)
 registers, for CPU tensors, the very functions the CUDA backend registers for GPU tensors:
 the Triton LoRA forward / backward, the Triton flash attention forward / backward (with its
-flash-decoding branch), the Triton RMSNorm forward / backward, the Triton NF4 dequantize (fresh or into `out`) and the NF4 linear's
-dequantize-once path, in place of the C++ kernels. Whole models then run the GPU code paths
+flash-decoding branch), the Triton NF4 dequantize (fresh or into `out`), the NF4 linear's
+dequantize-once path, the Triton RMSNorm, rotary embedding and SwiGLU forward / backward and the
+fused loss's cross-entropy rows (backends/norm.py, rope.py, swiglu.py, loss.py), in place of
+the C++ kernels. Whole models then run the GPU code paths
 (launchers, tiling, masking, the kernels themselves) on a machine without a GPU, slowly: it is
 a test setting. NF4 quantize stays C++ (Triton has no
 quantize kernel).
