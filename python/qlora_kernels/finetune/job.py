@@ -116,6 +116,7 @@ def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq
                             parts)
     _check_dependencies()
     dev = cfg.device
+    source = source_commit()  # before anything runs: a commit made while the job runs is not what it measured
 
     from ..bench.timing import device_name
 
@@ -189,7 +190,7 @@ def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq
                    "parts_not_applicable": cfg.not_applicable, "configurations": configurations,
                    "model": model_info},
         "device": {"type": dev.type, "name": name, "threads": torch.get_num_threads()},
-        "versions": _versions(), "source": source_commit(), "data": data_info, "memory_measure": memory_label,
+        "versions": _versions(), "source": source, "data": data_info, "memory_measure": memory_label,
         "runs": results, "summary": summary, "wall_s": None,
     }
     plot(run_dir / "finetune.png", results, summary, title)
