@@ -20,6 +20,10 @@ namespace py = pybind11;
 // Each op family binds its own functions (bindings_<family>.cpp).
 void bind_attention(py::module_& m);
 void bind_lora(py::module_& m);
+void bind_loss(py::module_& m);
+void bind_norm(py::module_& m);
+void bind_rope(py::module_& m);
+void bind_swiglu(py::module_& m);
 
 using qk::binding::dtype_tag;
 using qk::binding::nested_of;
@@ -150,4 +154,8 @@ PYBIND11_MODULE(_C, m) {
         arg("n"), arg("num_threads"), arg("throw_at") = -1, arg("nested") = false);
     bind_attention(m);
     bind_lora(m);
+    bind_loss(m);
+    bind_norm(m);
+    bind_rope(m);
+    bind_swiglu(m);
 }

@@ -46,9 +46,12 @@ import qlora_kernels.triton
 from qlora_kernels.backends import lora_dequant_mm
 from qlora_kernels.nf4_weight import NF4QuantState, NF4Weight
 from qlora_kernels.triton import lora
+from qlora_kernels.triton.cross_entropy import cross_entropy_rows_triton
 from qlora_kernels.triton.flash_attention import flash_attention_bwd_triton, flash_attention_fwd_triton
 from qlora_kernels.triton.flash_decode import flash_decode_triton
 from qlora_kernels.triton.nf4_dequant import nf4_dequantize_triton
+from qlora_kernels.triton.rope import rope_triton
+from qlora_kernels.triton.swiglu import swiglu_bwd_triton, swiglu_fwd_triton
 
 # Shared memory per block (opt-in maximum) of the targets; CUDA C Programming Guide,
 # "Technical Specifications per Compute Capability".
@@ -182,6 +185,18 @@ def _dequant_case(dtype_name: str, blocksize: int, double_quant: bool) -> Case:
     return Case(f"{dtype_name} nf4-bs{blocksize}{'' if double_quant else '-nodq'}", dtype_name, run)
 
 
+def _cross_entropy_case(vocab: int, compute_grad: bool, softcap: bool) -> Case:
+    """The fused loss's row kernel (fp32 logits whatever the model's dtype): a vocabulary past
+    the largest block, or a small one, with or without the gradient pass and the softcap."""
+
+    def run():
+        cross_entropy_rows_triton(_empty(4, vocab, dtype=torch.float32), torch.zeros(4, dtype=torch.int64), -100, 0.1,
+                                  2.0 if softcap else 0.0, 1.0, compute_grad)
+
+    name = f"cross-entropy V={vocab}{' grad' if compute_grad else ''}{' softcap' if softcap else ''}"
+    return Case(name, "float32", run)
+
+
 def _attention_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bool = True, group: int = 4,
                     varlen: bool = False, causal: bool = True, features: bool = True) -> Case:
     """Forward + backward. Dense inputs are [B, H, S, D] views of [B, S, H, D] (what HF passes);
@@ -249,6 +264,72 @@ def _decode_case(dtype_name: str, head_dim: int, alibi: bool = True, padding: bo
     return Case(f"{dtype_name} decode {' '.join(flags)}", dtype_name, run)
 
 
+def _norm_case(dtype_name: str, hidden: int, cast_before_weight: bool, weight_dtype_name: str | None = None) -> Case:
+    """RMSNorm forward + backward (dweight too) over 40 rows of `hidden`; Llama's rounding
+    (cast_before_weight) or Gemma's, the weight in x's dtype or in `weight_dtype_name`."""
+    from qlora_kernels.triton.rms_norm import rms_norm_bwd_triton, rms_norm_fwd_triton
+
+    dtype = getattr(torch, dtype_name)
+    weight_dtype = getattr(torch, weight_dtype_name or dtype_name)
+    y_dtype = torch.promote_types(dtype, weight_dtype) if cast_before_weight else dtype
+    rounding = "llama" if cast_before_weight else "gemma"
+
+    def run():
+        x, w = _empty(40, hidden, dtype=dtype), _empty(hidden, dtype=weight_dtype)
+        y, rstd = rms_norm_fwd_triton(x, w, 1e-6, 0.0, cast_before_weight, y_dtype)
+        rms_norm_bwd_triton(y, x, w, rstd, 0.0, cast_before_weight, True)
+
+    return Case(f"rms_norm {dtype_name}{'-' + weight_dtype_name if weight_dtype_name else ''} H{hidden} {rounding}",
+                dtype_name, run)
+
+
+def _swiglu_case(dtype_name: str, activation: str, packed: bool = False) -> Case:
+    """SwiGLU forward + backward on 48 rows of 4096 (a Llama-7B-like row is 11008; the kernels
+    tile columns only); `packed`: gate and up the halves of one gate_up, as Phi-3 has them."""
+    dtype = getattr(torch, dtype_name)
+    rows, cols = 48, 4096
+
+    def run():
+        if packed:
+            gate_up = _empty(rows, 2 * cols, dtype=dtype)
+            gate, up = gate_up[:, :cols], gate_up[:, cols:]
+            dgate_up = torch.empty_like(gate_up)
+            dgate, dup = dgate_up[:, :cols], dgate_up[:, cols:]
+        else:
+            gate, up, dgate, dup = (_empty(rows, cols, dtype=dtype) for _ in range(4))
+        out = _empty(rows, cols, dtype=dtype)
+        swiglu_fwd_triton(gate, up, out, activation)
+        swiglu_bwd_triton(out, gate, up, dgate, dup, activation)
+
+    return Case(f"{dtype_name} swiglu {activation}{' packed' if packed else ''}", dtype_name, run)
+
+
+def _rope_case(dtype_name: str, head_dim: int, rotary_dim: int, cos_dtype: str | None = None) -> Case:
+    """Forward and backward rotation of q (8 heads) and k (2 heads) as HF passes them ([B, H, S, D]
+    views of [B, S, H, D]) with cos / sin [1, S, rotary_dim]; rotary_dim < head_dim copies the rest."""
+    dtype = getattr(torch, dtype_name)
+    tables = getattr(torch, cos_dtype) if cos_dtype else dtype
+
+    def run():
+        B, S = 2, 100
+        q = _empty(B, S, 8, head_dim, dtype=dtype).transpose(1, 2)
+        k = _empty(B, S, 2, head_dim, dtype=dtype).transpose(1, 2)
+        cos, sin = _empty(1, S, rotary_dim, dtype=tables), _empty(1, S, rotary_dim, dtype=tables)
+        for backward in (False, True):
+            rope_triton(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), backward)
+
+    flags = f"D{head_dim} rotary{rotary_dim}" + (f" {cos_dtype} tables" if cos_dtype else "")
+    return Case(f"{dtype_name} rope {flags}", dtype_name, run)
+
+
+def _rope_cases(full: bool) -> list[Case]:
+    if full:
+        return [_rope_case(dtype, d, r) for dtype in ("bfloat16", "float16", "float32")
+                for d, r in ((64, 64), (96, 32), (96, 96), (128, 128), (256, 256), (128, 64))]
+    return [_rope_case("bfloat16", 128, 128), _rope_case("float32", 64, 64), _rope_case("bfloat16", 96, 32),
+            _rope_case("float16", 256, 256), _rope_case("bfloat16", 128, 128, "float32")]
+
+
 def cases(full: bool) -> list[Case]:
     """The specializations compiled. CI's set reaches every kernel and every entry of every tile
     table: each W path of the LoRA kernels (dense; NF4 with one absmax per tile row or per
@@ -278,7 +359,12 @@ def cases(full: bool) -> list[Case]:
                 out += [_attention_case(dtype, d, causal=False, features=False),
                         _attention_case(dtype, d, causal=False), _decode_case(dtype, d, False, False, False),
                         _decode_case(dtype, d), _decode_case(dtype, d, padding=False, varlen=True)]
-        return out
+            for hidden in (64, 1000, 4096, 8192):
+                out += [_norm_case(dtype, hidden, True), _norm_case(dtype, hidden, False)]
+            out += [_swiglu_case(dtype, activation, packed) for activation in ("silu", "gelu_tanh")
+                    for packed in (False, True)]
+        out += [_cross_entropy_case(v, g, c) for v in (32000, 100) for g in (False, True) for c in (False, True)]
+        return out + _rope_cases(full)
     out += [_lora_case("bfloat16", w) for w in ("nf4-bs64", "nf4-bs64-k%64", "nf4-bs32")]
     out += [_lora_case("bfloat16", "nf4-bs128-nodq", r=8, dropout=False, bias=False),
             _lora_case("float16", "dense", r=32)]
@@ -293,7 +379,14 @@ def cases(full: bool) -> list[Case]:
             _attention_case("bfloat16", 128, features=False)]
     out += [_decode_case("bfloat16", d) for d in (64, 128, 256)] + [_decode_case("float32", 256)]
     out += [_decode_case("bfloat16", 128, padding=False, varlen=True)]
-    return out
+    out += [_norm_case("bfloat16", h, True) for h in (64, 4096, 8192)] + [_norm_case("bfloat16", 3072, False),
+                                                                          _norm_case("bfloat16", 4096, True, "float32"),
+                                                                          _norm_case("float32", 8192, False)]
+    out += [_cross_entropy_case(32000, True, True), _cross_entropy_case(32000, False, False),
+            _cross_entropy_case(100, True, False)]
+    out += [_swiglu_case("bfloat16", "silu"), _swiglu_case("bfloat16", "gelu_tanh", packed=True),
+            _swiglu_case("float32", "silu", packed=True), _swiglu_case("float16", "gelu_tanh")]
+    return out + _rope_cases(full)
 
 
 def record(case: Case) -> list[Launch]:

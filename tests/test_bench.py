@@ -174,3 +174,50 @@ def test_source_commit_of_an_installed_package(tmp_path):
     _git(tmp_path, "init", "-q")  # a virtual environment inside a checkout's folder, not part of it
     assert source_commit(package) == {"commit": None, "reason": f"{package} is not tracked by the git checkout "
                                                                 f"{tmp_path} (an installed package)"}
+
+
+def test_loss_rows_report_both_peaks_and_their_ratio(monkeypatch):
+    """The loss suite checks ours against lm_head + ForCausalLMLoss (loss and gradients), and its
+    rows carry the peak of each side, measured in a fresh process on a CPU."""
+    from qlora_kernels.bench import loss
+
+    peaks = []
+
+    def cpu_peak_mb(setup, stmt):
+        peaks.append((setup, stmt))
+        return 10.0 if "fused_linear_cross_entropy" in stmt else 50.0
+
+    monkeypatch.setattr(runner, "cpu_peak_mb", cpu_peak_mb)
+    monkeypatch.setattr(runner, "median_ms", lambda fn, device, quick: 1.0)
+    cases = list(loss.cases(CPU, quick=True))
+    rows = [runner.measure(case, CPU, True, 10.0) for case in cases]
+    assert [r["lm_head"] for r in rows] == ["frozen", "trainable"]
+    assert all((r["ours_peak_MB"], r["baseline_peak_MB"], r["peak_ratio"]) == (10.0, 50.0, 0.2) for r in rows)
+    assert rows[0]["roofline"].endswith("peak 10.0 vs 50.0 MB (0.20x)")
+    # each side's statement is a training step of what the row times, after the row's own setup
+    assert [stmt.count("weight.grad = None") for _, stmt in peaks] == [0, 0, 1, 1]
+    assert "ForCausalLMLoss" in peaks[1][1] and peaks[0][0] == peaks[1][0]
+
+
+def test_loss_case_fails_its_check_when_ours_is_wrong(monkeypatch):
+    from qlora_kernels.bench import loss
+
+    case = next(loss.cases(CPU, quick=True))
+    case.check()
+    monkeypatch.setattr(loss, "OURS", loss.OURS.replace("shifted", "shifted.roll(1)"))
+    with pytest.raises(JobFailed, match="linear \\+ cross-entropy fwd\\+bwd .*differs"):
+        runner.measure(next(loss.cases(CPU, quick=True)), CPU, True, 10.0)
+
+
+def test_fused_loss_peak_is_a_fraction_of_stock_in_a_fresh_process():
+    """8192 tokens x 4096 ids: 128 MB of fp32 logits and as much for their gradient in stock;
+    ours in chunks of 1024 tokens (the default chunk holds 64 MiB of logits: at the suite's
+    vocabulary of 32,000, 512 tokens)."""
+    from qlora_kernels.bench import loss
+    from qlora_kernels.bench.memory import cpu_peak_mb
+
+    setup = loss.SETUP.format(device="cpu", trainable=False, batch=2, seq=4096, vocab=4096, hidden=16)
+    ours = cpu_peak_mb(setup, loss._training_step(loss.OURS.replace("shifted)", "shifted, chunk_size=1024)"),
+                                                  ("hidden",)))
+    stock = cpu_peak_mb(setup, loss._training_step(loss.STOCK, ("hidden",)))
+    assert stock > 200 and ours < 0.2 * stock, (ours, stock)

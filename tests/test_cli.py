@@ -31,6 +31,9 @@ def test_help(command, capsys):
     assert "usage: qlora-kernels" in text
     if command == ["finetune"]:
         assert "--model" in text and "--size" in text and "7b" in text
+        assert "--parts" in text and "--vocab" in text
+    if command == ["bench"]:
+        assert "loss" in text
     if command:
         assert "--verbose" in text and "--log-level" in text
 
@@ -63,6 +66,11 @@ def one_line_error(capsys, command: str) -> str:
     (["--lr", "0"], "lr=0.0: the learning rate must be positive"),
     (["--device", "gpu0"], "device 'gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "device 'meta': the job runs on cpu or cuda"),
+    (["--vocab", "256"], "vocab=256: the byte-level data needs at least 257 ids (256 byte values and the pad id 256)"),
+    (["--parts", "loss,lm_head"], "parts='loss,lm_head': name parts among attention, lora, loss, norm, rope, mlp "
+                                  "(comma-separated), or all"),
+    (["--parts", "--only", "patched"], "--parts trains stock and every configuration of the parts: it cannot run "
+                                       "with only='patched'"),
 ])
 def test_finetune_argument_it_cannot_run_with(argv, message, tmp_path, capsys):
     """Exit code 2 and the argument named, before anything is built or written."""
@@ -188,6 +196,33 @@ def test_bench_decode_quick(tmp_path, monkeypatch, capsys):
     assert generate["ratio"] == pytest.approx(tokens_per_s["ours"] / tokens_per_s["baseline"], rel=1e-2)
     out = capsys.readouterr().out
     assert f"x vs {layers[0]['other_baselines']['bnb_linear4bit']}" in out
+
+
+def test_bench_loss_quick(tmp_path, monkeypatch, capsys):
+    """`bench loss --quick` end to end: both rows checked, timed (once each here) and their peak
+    memory taken (the fresh processes' own test: test_bench.py); the commit recorded."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(runner, "cpu_peak_mb", lambda setup, stmt: 1.0 if "fused_linear" in stmt else 4.0)
+
+    def once(fn, device, quick):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    monkeypatch.setattr(runner, "median_ms", once)
+    monkeypatch.setattr(runner, "read_bandwidth_gbps", lambda device, quick: 10.0)
+    monkeypatch.setattr(runner, "default_device", lambda: torch.device("cpu"))
+    assert main(["bench", "loss", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("bench-*-loss-*-quick.json")
+    result = json.loads(path.read_text())
+    assert result["source"] == source_commit() and result["quick"]
+    rows = result["rows"]
+    assert [(r["op"], r["lm_head"]) for r in rows] == [("linear + cross-entropy fwd+bwd", "frozen"),
+                                                       ("linear + cross-entropy fwd+bwd, lm_head trainable",
+                                                        "trainable")]
+    for row in rows:
+        assert row["baseline"] == "lm_head + transformers ForCausalLMLoss" and row["suite"] == "loss"
+        assert (row["ours_peak_MB"], row["baseline_peak_MB"], row["peak_ratio"]) == (1.0, 4.0, 0.25)
+    assert "linear + cross-entropy fwd+bwd" in capsys.readouterr().out
 
 
 @pytest.fixture

@@ -137,3 +137,55 @@ def test_fp32_lora_with_tf32_set_through_fp32_precision(restore_matmul_precision
     # TF32 keeps 10 mantissa bits: a relative error of about 2**-11 per product
     assert torch.allclose(y.double(), x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t(), rtol=0, atol=1e-2)
     assert torch.allclose(dx.double(), dy64 @ w64 + 2.0 * (dy64 @ b64) @ a64, rtol=0, atol=1e-2)
+
+
+def test_rms_norm_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
+    # its cases alone (seconds), so that a failure here names the RMSNorm kernels
+    path = tmp_path / "rms_norm.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--case", "rms_norm", "--jobs", "1", "--json", str(path)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["arch"], r["kernel"]) for r in rows} == {
+        (arch, kernel) for arch in (90, 80) for kernel in ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel")}
+    assert {r["case"] for r in rows} >= {"rms_norm bfloat16 H8192 llama", "rms_norm float32 H8192 gemma"}
+    bad = [r for r in rows if r["local"] or not r["fits"]]
+    assert not bad, _describe(bad)
+
+
+def test_cross_entropy_rows_kernel_compiles_for_both_targets_without_spills(static_report):
+    # the fused loss's row kernel: gradient pass and softcap, loss only, a small vocabulary
+    rows = [r for r in static_report["rows"] if r["kernel"] == "cross_entropy_rows_kernel"]
+    assert {(r["arch"], r["case"]) for r in rows} == {
+        (arch, case) for arch in (90, 80)
+        for case in ("cross-entropy V=32000 grad softcap", "cross-entropy V=32000", "cross-entropy V=100 grad")}
+    assert all(r["fits"] and r["local"] == 0 for r in rows), _describe(rows)
+
+
+def test_swiglu_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
+    # the SwiGLU cases alone (the whole report is the fixture above): both kernels, every case,
+    # both targets, no local memory, no shared memory beyond the device's
+    path = tmp_path / "swiglu.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--case", "swiglu", "--jobs", "1", "--json", str(path)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = json.loads(path.read_text())["rows"]
+    cases = {r["case"] for r in rows}
+    assert len(cases) >= 4 and any("packed" in c for c in cases) and any("gelu_tanh" in c for c in cases)
+    for case in cases:
+        assert {(r["arch"], r["kernel"]) for r in rows if r["case"] == case} == {
+            (arch, kernel) for arch in (90, 80) for kernel in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")}, case
+    bad = [r for r in rows if r["local"] or not r["fits"]]
+    assert not bad, _describe(bad)
+
+
+def test_rope_kernel_compiles_for_both_targets_without_spills(static_report):
+    # forward and backward, full and partial rotary, bf16 / fp16 / fp32 (fp32 tables with bf16 q)
+    rows = [r for r in static_report["rows"] if r["kernel"] == "_rope_kernel"]
+    assert {r["arch"] for r in rows} == {90, 80}
+    assert {r["case"] for r in rows} >= {"bfloat16 rope D128 rotary128", "bfloat16 rope D96 rotary32",
+                                         "float32 rope D64 rotary64", "float16 rope D256 rotary256"}
+    bad = [r for r in rows if not r["fits"] or r["local"]]
+    assert not bad, _describe(bad)

@@ -43,7 +43,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     run(family=args.model, size=args.size, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, device=args.device, out=args.out, only=args.only, isolate=not args.in_process,
-        keep_checkpoint=args.keep_checkpoint)
+        keep_checkpoint=args.keep_checkpoint, vocab=args.vocab, parts=args.parts)
     return 0
 
 
@@ -60,7 +60,7 @@ def _logging_options() -> argparse.ArgumentParser:
 
 
 def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
-    from .finetune import FAMILIES, RUN_DEFAULTS, SIZES
+    from .finetune import FAMILIES, PARTS, RUN_DEFAULTS, SIZES
 
     sizes = "\n".join(f"  {k:<6} seq {v['seq_len']}, batch {v['batch_size']}, {v['steps']} steps, lr {v['lr']:g}"
                       for k, v in RUN_DEFAULTS.items())
@@ -91,6 +91,14 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="train both sides in this process (faster start; CPU peak memory is then not comparable)")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep the random-init bf16 checkpoint")
+    p.add_argument("--vocab", type=int, metavar="N",
+                   help="vocabulary of the model (default 257: the 256 byte values and a pad id). The data stay "
+                        "bytes; a real tokenizer's size (Llama-2: 32000) gives the lm_head and the logits their "
+                        "real cost")
+    p.add_argument("--parts", nargs="?", const="all", metavar="PART[,PART...]",
+                   help="the effect of each kernel: train stock, every part on ('patched') and every part on but "
+                        f"one ('patched -PART') for each named part (default all: {','.join(PARTS)}), each in its "
+                        "own process; tokens/s and peak memory of every configuration")
     p.set_defaults(fn=_finetune)
 
 
@@ -108,9 +116,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Check each op against its baseline and time both side by side on one device; "
                                    "writes <out>/bench-<device>[-<suite>]-<date>.json (with the git commit of the "
                                    "measured source) and a PNG.")
-    p.add_argument("what", nargs="?", default="all", choices=["nf4", "lora", "attention", "decode", "all"],
+    p.add_argument("what", nargs="?", default="all", choices=["nf4", "lora", "attention", "decode", "loss", "all"],
                    help="which suite (default all); decode: NF4Linear at 1 to 16 tokens and generate() tokens/s "
-                        "against bf16 and bitsandbytes 4-bit")
+                        "against bf16 and bitsandbytes 4-bit; loss: fused linear + cross-entropy against the "
+                        "lm_head + transformers' loss, time and peak memory of a training step")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--out", default="runs", help="folder for the results JSON and PNG (default runs, in the "
                                                  "current folder)")

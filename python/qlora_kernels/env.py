@@ -66,10 +66,13 @@ def op_backends(device_type: str) -> dict[str, str]:
 
 
 def _all_ops():
-    from .ops import attention, lora, nf4, nf4_linear
+    from .ops import attention, lora, loss, nf4, nf4_linear, norm, rope, swiglu
 
     return [
         nf4.nf4_quantize_blocks, nf4.nf4_dequantize, nf4.nf4_dequantize_out, nf4.quantize_blockwise_8bit,
         nf4_linear.nf4_linear, nf4_linear.nf4_linear_bwd, lora.lora_linear_fwd, lora.lora_linear_bwd,
-        attention.flash_attention_fwd, attention.flash_attention_bwd,
+        attention.flash_attention_fwd, attention.flash_attention_bwd, loss.linear_cross_entropy,
+        norm.rms_norm_fwd, norm.rms_norm_bwd,
+        swiglu.swiglu_fwd, swiglu.swiglu_bwd, swiglu.swiglu_packed_fwd, swiglu.swiglu_packed_bwd,
+        rope.rope,
     ]

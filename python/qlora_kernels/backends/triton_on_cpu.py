@@ -3,8 +3,10 @@
 `QLORA_KERNELS_TRITON_ON_CPU=1` (read once, when the backends are registered at import)
 registers, for CPU tensors, the very functions the CUDA backend registers for GPU tensors:
 the Triton LoRA forward / backward, the Triton flash attention forward / backward (with its
-flash-decoding branch), the Triton NF4 dequantize (fresh or into `out`) and the NF4 linear's
-dequantize-once path, in place of the C++ kernels. Whole models then run the GPU code paths
+flash-decoding branch), the Triton NF4 dequantize (fresh or into `out`), the NF4 linear's
+dequantize-once path, the Triton RMSNorm, rotary embedding and SwiGLU forward / backward and the
+fused loss's cross-entropy rows (backends/norm.py, rope.py, swiglu.py, loss.py), in place of
+the C++ kernels. Whole models then run the GPU code paths
 (launchers, tiling, masking, the kernels themselves) on a machine without a GPU, slowly: it is
 a test setting. NF4 quantize stays C++ (Triton has no
 quantize kernel).
@@ -23,7 +25,10 @@ from ..ops import attention as attention_ops
 from ..ops import lora as lora_ops
 from ..ops import nf4 as nf4_ops
 from ..ops import nf4_linear as nf4_linear_ops
-from . import cuda
+from ..ops import rope as rope_ops
+from . import cuda, rope, swiglu
+from . import loss as loss_backend
+from . import norm as norm_backend
 from .common import kernel
 
 SWITCH = "QLORA_KERNELS_TRITON_ON_CPU"
@@ -76,3 +81,7 @@ def register() -> None:
     kernel(lora_ops.lora_linear_bwd, "cpu", IMPLEMENTATION)(cuda.triton_lora_linear_bwd)
     kernel(attention_ops.flash_attention_fwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_fwd)
     kernel(attention_ops.flash_attention_bwd, "cpu", IMPLEMENTATION)(cuda.triton_flash_attention_bwd)
+    loss_backend.register_triton_on_cpu(IMPLEMENTATION)
+    norm_backend.register_triton_for_cpu(IMPLEMENTATION)
+    kernel(rope_ops.rope, "cpu", IMPLEMENTATION)(rope.rope_triton_kernel)
+    swiglu.register_triton_on_cpu(IMPLEMENTATION)

@@ -1,6 +1,6 @@
 """A benchmark case: one op on one shape, ours against what a user would otherwise run.
 
-The suites (nf4, lora, attention, decode) yield cases from `cases(device, quick)`; `qlora-kernels bench`
+The suites (nf4, lora, attention, decode, loss) yield cases from `cases(device, quick)`; `qlora-kernels bench`
 (runner.py) and the pytest-benchmark scripts in benchmarks/ both check and time them.
 """
 
@@ -35,6 +35,9 @@ class Case:
     also: dict[str, Callable[[], object]] = field(default_factory=dict)  # timed too, reported as "<name>_ms"
     info: dict = field(default_factory=dict)  # more row keys that name the case
     peak_memory: bool = False  # also report the CUDA peak MB of ours and of the baseline
+    # (setup, ours, baseline) statements: on a CPU, the peak RSS of ours and of the baseline, each
+    # measured in a fresh process after setup (bench/memory.cpu_peak_mb); None: no CPU peak
+    cpu_peak: tuple[str, str, str] | None = None
     baseline_variants: dict[str, Callable[[], object]] = field(default_factory=dict)
     other_baselines: dict[str, str] = field(default_factory=dict)
 

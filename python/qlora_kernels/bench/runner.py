@@ -12,13 +12,13 @@ import torch
 
 from ..env import backends
 from ..errors import JobFailed
-from . import attention, decode, lora, nf4
+from . import attention, decode, lora, loss, nf4
 from .case import Case, other_baseline_ratios, other_ratios, shape_label
-from .memory import cuda_peak_mb
+from .memory import cpu_peak_mb, cuda_peak_mb
 from .source import source_commit
 from .timing import default_device, device_name, median_ms, read_bandwidth_gbps, slug, warm_cpu_allocations
 
-SUITES = {"nf4": nf4, "lora": lora, "attention": attention, "decode": decode}
+SUITES = {"nf4": nf4, "lora": lora, "attention": attention, "decode": decode, "loss": loss}
 
 
 def measure(case: Case, device: torch.device, quick: bool, read_gbps: float) -> dict:
@@ -41,11 +41,26 @@ def measure(case: Case, device: torch.device, quick: bool, read_gbps: float) -> 
         row["baseline_variants_ms"] = {name: round(v, 4) for name, v in variant_ms.items()}
     row.update(other_baseline_ratios(case.other_baselines, ms))
     row.update(case.roofline(ms, read_gbps) if case.roofline else {"roofline": ""})
-    if case.peak_memory:
-        row["ours_peak_MB"] = round(cuda_peak_mb(case.ours), 1)
-        row["baseline_peak_MB"] = round(cuda_peak_mb(case.baseline), 1)
-        row["roofline"] = row["roofline"] or f"peak {row['ours_peak_MB']} vs {row['baseline_peak_MB']} MB"
+    peaks = _peaks(case, device)
+    if peaks is not None:
+        row["ours_peak_MB"], row["baseline_peak_MB"] = (round(p, 1) for p in peaks)
+        row["peak_ratio"] = round(peaks[0] / peaks[1], 3) if peaks[1] > 0 else None
+        note = f"peak {row['ours_peak_MB']} vs {row['baseline_peak_MB']} MB"
+        if case.cpu_peak is not None:  # the suites that measure memory on every device: its ratio too
+            note += f" ({row['peak_ratio']:.2f}x)" if row["peak_ratio"] is not None else ""
+        row["roofline"] = f"{row['roofline']}; {note}" if row["roofline"] else note
     return row
+
+
+def _peaks(case: Case, device: torch.device) -> tuple[float, float] | None:
+    """Peak MB of ours and of the baseline: the CUDA allocator's, or on a CPU the peak RSS of a
+    fresh process running the case's statements."""
+    if device.type == "cuda" and case.peak_memory:
+        return cuda_peak_mb(case.ours), cuda_peak_mb(case.baseline)
+    if device.type == "cpu" and case.cpu_peak is not None:
+        setup, ours, baseline = case.cpu_peak
+        return cpu_peak_mb(setup, ours), cpu_peak_mb(setup, baseline)
+    return None
 
 
 def _suite_rows(suite: str, device: torch.device, quick: bool, read_gbps: float) -> Iterator[dict]:

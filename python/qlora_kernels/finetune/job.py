@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ..bench.source import source_commit
 from ..errors import JobFailed
 from .data import make_batches
 from .presets import PRESETS, RunConfig
+from .presets import VOCAB as BYTE_VOCAB
 from .recipe import LORA, build_checkpoint, stock_attention
 from .report import format_table, plot, summarize
 from .train import check_first_loss, quiet, train_side
@@ -68,7 +70,8 @@ def _worker() -> None:
 
 
 def _run_isolated(spec: dict, side: str, run_dir: Path) -> dict:
-    spec_path, out_path = run_dir / f"spec-{side}.json", run_dir / f"result-{side}.json"
+    name = side.replace(" ", "_")
+    spec_path, out_path = run_dir / f"spec-{name}.json", run_dir / f"result-{name}.json"
     spec_path.write_text(json.dumps(dict(spec, log_level=logging.getLogger(_LOGGER).getEffectiveLevel())))
     code = "from qlora_kernels.finetune.job import _worker; _worker()"
     rc = subprocess.run([sys.executable, "-c", code, str(spec_path), side, str(out_path)]).returncode
@@ -100,13 +103,20 @@ def _versions() -> dict:
 def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq_len: int | None = None,
         batch_size: int | None = None, lr: float | None = None, seed: int = 0, device: str = "auto",
         out: str = "runs", only: str = "both", isolate: bool = True, keep_checkpoint: bool = False,
-        warmup_steps: int = 1) -> Path:
+        warmup_steps: int = 1, vocab: int | None = None, parts: str | list[str] | None = None) -> Path:
     """The whole job; returns the run folder. JobArgumentError for arguments it cannot run
-    with (before anything is built), JobFailed when it cannot run here or the sides disagree."""
+    with (before anything is built), JobFailed when it cannot run here or the sides disagree.
+
+    vocab: the model's vocabulary (default 257, the bytes and a pad id; the data stay bytes).
+    parts: None (stock vs patched), or the parts of `presets.PARTS` to switch off one at a time:
+    stock, every part on ("patched") and every part on but one ("patched -<part>") for each,
+    each in its own process, so that each part's effect on tokens/s and peak memory shows."""
     wall0 = time.perf_counter()
-    cfg = RunConfig.resolve(family, size, steps, seq_len, batch_size, lr, seed, device, only, warmup_steps)
+    cfg = RunConfig.resolve(family, size, steps, seq_len, batch_size, lr, seed, device, only, warmup_steps, vocab,
+                            parts)
     _check_dependencies()
     dev = cfg.device
+    source = source_commit()  # before anything runs: a commit made while the job runs is not what it measured
 
     from ..bench.timing import device_name
 
@@ -114,9 +124,11 @@ def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq
     run_dir.mkdir(parents=True, exist_ok=False)
     run_dir = run_dir.resolve()
     name = device_name(dev)
-    print(f"qlora_kernels finetune: {cfg.family} '{cfg.size}' on {name}; {cfg.steps} steps x batch "
-          f"{cfg.batch_size} x seq {cfg.seq_len}, LoRA r={LORA['r']} all-linear over NF4 double quant, bf16 compute; "
-          f"run folder {run_dir}", flush=True)
+    print(f"qlora_kernels finetune: {cfg.family} '{cfg.size}' (vocabulary {cfg.vocab}) on {name}; {cfg.steps} "
+          f"steps x batch {cfg.batch_size} x seq {cfg.seq_len}, LoRA r={LORA['r']} all-linear over NF4 double quant, "
+          f"bf16 compute; run folder {run_dir}", flush=True)
+    for part, why in cfg.not_applicable.items():
+        print(f"--parts: {part} left out: {why}", flush=True)
 
     batches, data_info = make_batches(cfg.steps, cfg.batch_size, cfg.seq_len, cfg.seed)
     torch.save(batches, run_dir / "batches.pt")
@@ -125,15 +137,18 @@ def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq
             "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "device": str(dev),
             "checkpoint": str(run_dir / "init-bf16"), "batches": str(run_dir / "batches.pt"),
             "stock_attention": stock_attention(cfg.family)}
+    configurations = cfg.configurations
     results = {}
     try:
         t = time.perf_counter()
-        model_info = build_checkpoint(cfg.family, cfg.size, cfg.seq_len, cfg.seed, dev, run_dir / "init-bf16")
+        model_info = build_checkpoint(cfg.family, cfg.size, cfg.seq_len, cfg.seed, dev, run_dir / "init-bf16",
+                                      cfg.vocab)
         print(f"random-init {cfg.family} ({model_info['parameters'] / 1e6:.1f}M parameters) saved as bf16 in "
-              f"{time.perf_counter() - t:.1f} s; {' then '.join(cfg.sides)}, each in a "
+              f"{time.perf_counter() - t:.1f} s; {' then '.join(configurations)}, each in a "
               f"{'fresh process' if isolate else 'this process'}", flush=True)
-        for side in cfg.sides:
-            side_spec = dict(spec, expect_first_loss=results["stock"]["losses"][0] if "stock" in results else None)
+        for side, patch_kwargs in configurations.items():
+            side_spec = dict(spec, patch=patch_kwargs,
+                             expect_first_loss=results["stock"]["losses"][0] if "stock" in results else None)
             if isolate:
                 results[side] = _run_isolated(side_spec, side, run_dir)
             else:
@@ -146,16 +161,18 @@ def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq
             shutil.rmtree(run_dir / "init-bf16", ignore_errors=True)
         (run_dir / "batches.pt").unlink(missing_ok=True)
 
-    summary = summarize(results, cfg.tokens_per_step, cfg.warmup_steps)
-    if "first_loss_rel_diff" in summary:
-        check_first_loss(summary["stock"]["first_loss"], summary["patched"]["first_loss"])
+    summary = summarize(results, cfg.tokens_per_step, cfg.warmup_steps, cfg.parts)
+    if "stock" in summary:
+        for side in results:
+            check_first_loss(summary["stock"]["first_loss"], summary[side]["first_loss"])
     if dev.type == "cuda":
         memory_label = "CUDA max_memory_allocated during the training loop"
     else:
         memory_label = "peak RSS of the side's process during the training loop" if isolate else (
-            "RSS of one process shared by both sides (stock first): not comparable")
+            "RSS of one process shared by the sides (stock first): not comparable")
     table = format_table(summary, memory_label)
-    title = f"{cfg.family} {cfg.size}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, {name}"
+    vocab_note = "" if cfg.vocab == BYTE_VOCAB else f" vocab {cfg.vocab}"
+    title = f"{cfg.family} {cfg.size}{vocab_note}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, {name}"
     print(f"\n{title}\n{table}")
 
     record = {
@@ -169,9 +186,11 @@ def run(family: str = "llama", size: str = "tiny", steps: int | None = None, seq
                             "target_modules": LORA["target_modules"]},
                    "gradient_checkpointing": "prepare_model_for_kbit_training, use_reentrant=False",
                    "stock_attention": spec["stock_attention"], "isolated_processes": isolate,
+                   "vocab": cfg.vocab, "parts": list(cfg.parts) if cfg.parts is not None else None,
+                   "parts_not_applicable": cfg.not_applicable, "configurations": configurations,
                    "model": model_info},
         "device": {"type": dev.type, "name": name, "threads": torch.get_num_threads()},
-        "versions": _versions(), "data": data_info, "memory_measure": memory_label,
+        "versions": _versions(), "source": source, "data": data_info, "memory_measure": memory_label,
         "runs": results, "summary": summary, "wall_s": None,
     }
     plot(run_dir / "finetune.png", results, summary, title)

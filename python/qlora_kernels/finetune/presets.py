@@ -13,6 +13,35 @@ VOCAB = 257  # 256 byte values + a pad id that never occurs in the text
 PAD_ID = 256
 FAMILIES = ("llama", "opt", "bloom")
 SIDES = ("stock", "patched")
+# the kernels `patch` puts in, each a keyword of qlora_kernels.patch: `--parts` trains stock,
+# every part on ("patched"), and every part on but one ("patched -<part>") for each of them
+PARTS = ("attention", "lora", "loss", "norm", "rope", "mlp")
+
+
+def without(part: str) -> str:
+    """The name of the configuration with every part on but `part`."""
+    return f"patched -{part}"
+
+
+def applicable_parts(family: str, parts: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The parts of `parts` the family has, and those it has not (part -> why): OPT and Bloom
+    have no RMSNorm, rotary embedding or gated MLP, so switching those off changes nothing."""
+    from ..patching.families import FAMILIES as REGISTRY
+
+    kept, not_applicable = [], {}
+    for part in parts:
+        if part in ("attention", "lora") or part in REGISTRY[family].parts:
+            kept.append(part)
+        else:
+            not_applicable[part] = f"{family} has nothing this part replaces"
+    return tuple(kept), not_applicable
+
+
+def configurations(sides: tuple[str, ...], parts: tuple[str, ...] | None) -> dict[str, dict | None]:
+    """name -> the keywords of qlora_kernels.patch for that run (None: stock, not patched)."""
+    if parts is None:
+        return {side: (None if side == "stock" else {}) for side in sides}
+    return {"stock": None, "patched": {}, **{without(part): {part: False} for part in parts}}
 
 # Model shapes. 7b: Llama-2-7B, OPT-6.7B, BLOOM-7b1; 1b: TinyLlama-1.1B, OPT-1.3B, BLOOM-1b1;
 # small / tiny / test: CPU-sized shapes of the same families (test is for the test suite).
@@ -71,6 +100,13 @@ class RunConfig:
     device: torch.device
     sides: tuple[str, ...]
     warmup_steps: int
+    vocab: int = VOCAB
+    parts: tuple[str, ...] | None = None  # --parts: the parts switched off one at a time
+    not_applicable: dict = dataclasses.field(default_factory=dict)  # --parts the family does not have
+
+    @property
+    def configurations(self) -> dict[str, dict | None]:
+        return configurations(self.sides, self.parts)
 
     @property
     def tokens_per_step(self) -> int:
@@ -78,8 +114,11 @@ class RunConfig:
 
     @classmethod
     def resolve(cls, family: str, size: str, steps: int | None, seq_len: int | None, batch_size: int | None,
-                lr: float | None, seed: int, device: str, only: str, warmup_steps: int) -> RunConfig:
-        """The preset's defaults filled in; JobArgumentError names the argument that cannot run."""
+                lr: float | None, seed: int, device: str, only: str, warmup_steps: int, vocab: int | None = None,
+                parts: str | list[str] | tuple[str, ...] | None = None) -> RunConfig:
+        """The preset's defaults filled in; JobArgumentError names the argument that cannot run.
+        parts: None (stock vs patched), or the parts to switch off one at a time (a list, or
+        one comma-separated string; "all" for PARTS)."""
         if family not in FAMILIES:
             raise JobArgumentError(f"model family {family!r} is not one of {', '.join(FAMILIES)}")
         if size not in SIZES:
@@ -100,8 +139,30 @@ class RunConfig:
             raise JobArgumentError(f"batch_size={batch_size}: must be at least 1")
         if not lr > 0:
             raise JobArgumentError(f"lr={lr}: the learning rate must be positive")
+        vocab = VOCAB if vocab is None else vocab
+        if vocab < VOCAB:
+            raise JobArgumentError(f"vocab={vocab}: the byte-level data needs at least {VOCAB} ids "
+                                   f"(256 byte values and the pad id {PAD_ID})")
+        not_applicable = {}
+        if parts is not None:
+            parts = _parts(parts)
+            if only != "both":
+                raise JobArgumentError(f"--parts trains stock and every configuration of the parts: it cannot run "
+                                       f"with only={only!r}")
+            parts, not_applicable = applicable_parts(family, parts)
         return cls(family, size, steps, seq_len, batch_size, lr, seed, _device(device),
-                   SIDES if only == "both" else (only,), warmup_steps)
+                   SIDES if only == "both" else (only,), warmup_steps, vocab, parts, not_applicable)
+
+
+def _parts(parts: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    names = [p.strip() for p in (parts.split(",") if isinstance(parts, str) else parts) if p.strip()]
+    if names == ["all"]:
+        return PARTS
+    unknown = [p for p in names if p not in PARTS]
+    if unknown or not names:
+        raise JobArgumentError(f"parts={','.join(names)!r}: name parts among {', '.join(PARTS)} (comma-separated), "
+                               "or all")
+    return tuple(p for p in PARTS if p in names)  # in PARTS' order, each once
 
 
 def _device(device: str) -> torch.device:
@@ -120,14 +181,15 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def model_config(family: str, size: str, seq_len: int):
-    """A transformers config for the preset: byte vocabulary, no dropout in the base model
-    (released OPT configs use 0.1; off here so the two sides see the same forward pass and
-    their losses can be compared; LoRA's own dropout 0.1 stays)."""
+def model_config(family: str, size: str, seq_len: int, vocab: int = VOCAB):
+    """A transformers config for the preset: byte vocabulary (or `vocab` ids, of which the data
+    use the first 257: the size of a real tokenizer's lm_head and logits), no dropout in the
+    base model (released OPT configs use 0.1; off here so the two sides see the same forward
+    pass and their losses can be compared; LoRA's own dropout 0.1 stays)."""
     from transformers import BloomConfig, LlamaConfig, OPTConfig
 
     shape = PRESETS[family][size]
-    ids = dict(vocab_size=VOCAB, pad_token_id=PAD_ID, bos_token_id=PAD_ID, eos_token_id=PAD_ID)
+    ids = dict(vocab_size=vocab, pad_token_id=PAD_ID, bos_token_id=PAD_ID, eos_token_id=PAD_ID)
     if family == "llama":
         return LlamaConfig(**shape, **ids, max_position_embeddings=max(4096, seq_len), rms_norm_eps=1e-5,
                            tie_word_embeddings=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .presets import model_config
+from .presets import VOCAB, model_config
 
 # LoRA on every linear layer, the QLoRA paper's setting at a small rank
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear")
@@ -18,7 +18,8 @@ def stock_attention(family: str) -> str:
     return "eager" if family == "bloom" else "sdpa"
 
 
-def build_checkpoint(family: str, size: str, seq_len: int, seed: int, device: torch.device, path: Path) -> dict:
+def build_checkpoint(family: str, size: str, seq_len: int, seed: int, device: torch.device, path: Path,
+                     vocab: int = VOCAB) -> dict:
     """Random-init bf16 model saved to `path`; returns facts about it.
 
     Why a bf16 checkpoint on disk rather than quantizing in memory: both sides must start
@@ -30,7 +31,7 @@ def build_checkpoint(family: str, size: str, seq_len: int, seed: int, device: to
     """
     from transformers import AutoModelForCausalLM
 
-    config = model_config(family, size, seq_len)
+    config = model_config(family, size, seq_len, vocab)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -43,8 +44,9 @@ def build_checkpoint(family: str, size: str, seq_len: int, seed: int, device: to
 
 
 def load_model(spec: dict, side: str):
-    """The QLoRA recipe on the saved checkpoint; `side == "patched"` adds qlora_kernels.patch.
-    Returns the model and, on the patched side, what patch did."""
+    """The QLoRA recipe on the saved checkpoint; every side but "stock" adds
+    qlora_kernels.patch(model, **spec["patch"]) (all parts on when the spec names none).
+    Returns the model and, on a patched side, what patch did."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -59,10 +61,11 @@ def load_model(spec: dict, side: str):
     torch.manual_seed(spec["seed"])  # LoRA A init: the same on both sides
     model = get_peft_model(model, LoraConfig(**LORA, task_type="CAUSAL_LM"))
     patch_info = None
-    if side == "patched":
+    if side != "stock":
         import qlora_kernels
 
-        model = qlora_kernels.patch(model)  # strict: an unsupported layer raises instead of falling back
+        # strict: an unsupported layer raises instead of falling back
+        model = qlora_kernels.patch(model, **(spec.get("patch") or {}))
         patch_info = str(qlora_kernels.patch_report(model))
     # bitsandbytes' Linear4bit repacks its weights for CPU inference in eval mode: stay in train
     model.train()

@@ -5,6 +5,12 @@ PEFT:
 
 - attention -> flash_attention, per model family (patching/families.py; `attention=False` on
   the others);
+- the rest of a training step, per model family where the family has it (patching/families.py
+  records which part applies to which `model_type`): loss -> fused_linear_cross_entropy (no
+  logits in memory; the *ForCausalLM forward, in training mode with labels), norm -> the fused
+  RMSNorm, rope -> the fused rotary embedding of q and k, mlp -> the fused SwiGLU. A part a
+  known family does not have (OPT and Bloom: no RMSNorm, no rotary embedding, no gated MLP)
+  is reported as not applicable, not as an error;
 - `quantize="nf4"`: nn.Linear base layers -> NF4Linear (never lm_head or LoRA's own weights);
 - on a model that holds PEFT LoRA layers: bitsandbytes NF4 `Linear4bit` -> NF4Linear (same
   bytes, shared) and the LoRA layers -> the fused lora_linear op (patching/lora.py), in any
@@ -31,7 +37,8 @@ from torch import nn
 
 from ..env import op_backends
 from ..modules import NF4Linear
-from .families import SUPPORTED, patch_attention, unpatch_attention
+from .families import FAMILIES, PART_MODULES, PART_WHAT, PARTS, SUPPORTED, part_functions, patch_attention, \
+    unpatch_attention
 from .lora import _lora_classes, patch_lora, unpatch_lora
 from .quantize import (
     bnb_linear4bit_layers,
@@ -58,12 +65,21 @@ class PatchReport:
     lora_layers: list[str] = dataclasses.field(default_factory=list)  # fused
     lora_pending: bool = False  # fused at the first forward (patched before get_peft_model)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    # what each part of PARTS replaced (names relative to the transformers model)
+    loss: list[str] = dataclasses.field(default_factory=list)
+    norm: list[str] = dataclasses.field(default_factory=list)
+    rope: list[str] = dataclasses.field(default_factory=list)
+    mlp: list[str] = dataclasses.field(default_factory=list)
+    not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)  # part -> why it does not apply
 
     def __str__(self) -> str:
         parts = [f"family={self.family}", f"attention={self.attention}", f"quantized={len(self.quantized)}",
                  f"converted from bitsandbytes={len(self.converted)}", f"fused LoRA layers={len(self.lora_layers)}"]
+        parts += [f"{part}={len(getattr(self, part))}" for part in PARTS]
         if self.lora_pending:
             parts.append("LoRA layers added later are fused at the first forward")
+        if self.not_applicable:
+            parts.append("not applicable: " + ", ".join(self.not_applicable))
         if self.skipped:
             parts.append("skipped: " + "; ".join(self.skipped))
         return "qlora_kernels.patch: " + ", ".join(parts)
@@ -118,8 +134,32 @@ def _fuse_on_first_forward(root: nn.Module, report: PatchReport) -> None:
     report.lora_pending = True
 
 
+def _plan_parts(hf: nn.Module | None, model_type: str | None, wanted: dict[str, bool],
+                attention: bool) -> tuple[list[str], dict[str, str], list[str]]:
+    """The parts to patch on this model, those that do not apply (part -> why) and the skipped
+    entry of an unknown model type (at most one)."""
+    requested = [part for part in PARTS if wanted[part]]
+    family = FAMILIES.get(model_type)
+    if family is None:
+        if not requested:
+            return [], {}, []
+        what = f"model_type {model_type!r}" if hf is not None else "a model that is not a transformers model"
+        why = f"{what} is not in the registry (known: {', '.join(FAMILIES)})"
+        if not attention:  # attention=False: the documented way to patch an architecture of no known family
+            return [], {part: why for part in requested}, []
+        return [], {}, [f"{', '.join(requested)}: {why}"]
+    todo, not_applicable = [], {}
+    for part in requested:
+        if part in family.parts:
+            todo.append(part)
+        else:
+            covered = ", ".join(PART_MODULES[part].FAMILIES)
+            not_applicable[part] = f"{model_type} has no {PART_WHAT[part]} of a kind it replaces (it covers {covered})"
+    return todo, not_applicable, []
+
+
 def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize: str | None = None,
-          strict: bool = True) -> nn.Module:
+          strict: bool = True, loss: bool = True, norm: bool = True, rope: bool = True, mlp: bool = True) -> nn.Module:
     """Route `model` (a Hugging Face model, plain or PEFT-wrapped) through qlora_kernels.
 
     attention: flash_attention in every attention layer, for the model types in SUPPORTED;
@@ -129,6 +169,10 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
     quantize: None, or "nf4" to quantize the nn.Linear base layers (blocksize 64, double
         quant, compute in the layer's dtype). Before get_peft_model this leaves nothing PEFT
         can wrap: for LoRA training call patch after get_peft_model.
+    loss, norm, rope, mlp: the fused linear + cross-entropy (the *ForCausalLM forward in
+        training mode with labels returns the loss and logits=None), RMSNorm, rotary
+        embeddings, SwiGLU MLP, in the families that have them (`FAMILIES[model_type].parts`;
+        the others are listed in `patch_report(model).not_applicable`).
     strict: an unsupported architecture or layer raises ValueError before anything changes;
         with strict=False the rest is patched and what was skipped is warned about and listed
         in `patch_report(model).skipped`. An attention call the kernels do not implement
@@ -155,6 +199,9 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
                     "any architecture; strict=False patches the rest and warns")
     else:
         ways_out = "strict=False patches the rest and warns"
+    wanted = {"loss": loss, "norm": norm, "rope": rope, "mlp": mlp}
+    todo, not_applicable, unknown = _plan_parts(hf, model_type, wanted, attention)
+    skipped += unknown
     lora_here = lora and _has_lora(root)
     bnb_layers = bnb_linear4bit_layers(root) if lora_here else []
     unconvertible = [(n, why) for n, m in bnb_layers if (why := why_not_convertible(m))]
@@ -170,6 +217,14 @@ def patch(model: nn.Module, attention: bool = True, lora: bool = True, quantize:
     else:
         log.info("attention left stock (%s)", f"model_type {model_type!r} is not supported" if attention
                  else "attention=False")
+    for part in todo:
+        patch_part, _ = part_functions(part)
+        done = getattr(report, part)
+        done += [name for name in patch_part(hf) if name not in done]
+        log.info("%s: %s (%d replaced)", part, FAMILIES[model_type].parts[part], len(done))
+    for part, why in not_applicable.items():
+        report.not_applicable.setdefault(part, why)
+        log.info("%s not applicable: %s", part, why)
     targets = quantize_targets(root) if quantize == "nf4" else []
     if targets:
         dtype = targets[0][1].weight.dtype
@@ -212,7 +267,7 @@ def patch_report(model: nn.Module) -> PatchReport | None:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo patch: stock attention, PEFT's LoRA forward, NF4Linear layers that came from
+    """Undo patch: stock attention, loss, norm, rope and MLP, PEFT's LoRA forward, NF4Linear layers that came from
     bitsandbytes back to Linear4bit (over the same tensors). Layers quantized by
     `patch(quantize="nf4")` stay NF4Linear. Returns `model`; a no-op on an unpatched model."""
     hf = _transformers_model(model)
@@ -223,6 +278,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     for handle in root.__dict__.pop("_qlora_kernels_hooks", ()):
         handle.remove()
     unpatch_lora(model)
+    for part in reversed(PARTS):
+        if hf is not None and getattr(report, part):
+            part_functions(part)[1](hf)
     if hf is not None and report.attention is not None:
         unpatch_attention(hf)
     if report.converted:

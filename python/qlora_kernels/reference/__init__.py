@@ -4,7 +4,7 @@ Every kernel (C++, CUDA, Triton) is tested against these functions, and they are
 implementation of each registered op. One module per op family.
 """
 
-from . import attention, lora
+from . import attention, lora, loss, norm, swiglu
 from .nf4 import (
     ALLOWED_BLOCKSIZES,
     DYNAMIC_LUT_SIZE,
@@ -25,6 +25,9 @@ from .nf4 import (
 __all__ = [
     "attention",
     "lora",
+    "loss",
+    "norm",
+    "swiglu",
     "ALLOWED_BLOCKSIZES",
     "DYNAMIC_LUT_SIZE",
     "NESTED_BLOCKSIZE",
