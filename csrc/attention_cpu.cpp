@@ -15,6 +15,7 @@
 
 #include "attention.h"
 #include "cpu_isa.h"
+#include "elem.h"
 #include "float_convert.h"
 #include "parallel.h"
 
@@ -325,27 +326,6 @@ BackwardStep backward_step() {
 
 // ---- dtype conversion, baseline ISA: off the hot path (each key once per worker, each query row
 // once per query block) ----
-
-template <DType kType>
-struct Elem;
-template <>
-struct Elem<DType::F32> {
-    using T = float;
-    static float load(float x) { return x; }
-    static float store(float x) { return x; }
-};
-template <>
-struct Elem<DType::F16> {
-    using T = uint16_t;
-    static float load(uint16_t x) { return fp16_to_float(x); }
-    static uint16_t store(float x) { return float_to_fp16(x); }
-};
-template <>
-struct Elem<DType::BF16> {
-    using T = uint16_t;
-    static float load(uint16_t x) { return bf16_to_float(x); }
-    static uint16_t store(float x) { return float_to_bf16(x); }
-};
 
 // `rows` rows of a strided [rows][head_dim] tensor, times `scale`, into dst [rows_padded][ld];
 // the padding rows and columns are zero so the tile GEMMs can run on whole panels.

@@ -7,33 +7,13 @@
 #include <string>
 #include <vector>
 
+#include "elem.h"
 #include "float_convert.h"
 #include "parallel.h"
 #include "rope.h"
 
 namespace qk {
 namespace {
-
-template <DType kType>
-struct Elem;
-template <>
-struct Elem<DType::F32> {
-    using T = float;
-    static float load(float x) { return x; }
-    static float store(float x) { return x; }
-};
-template <>
-struct Elem<DType::F16> {
-    using T = uint16_t;
-    static float load(uint16_t x) { return fp16_to_float(x); }
-    static uint16_t store(float x) { return float_to_fp16(x); }
-};
-template <>
-struct Elem<DType::BF16> {
-    using T = uint16_t;
-    static float load(uint16_t x) { return bf16_to_float(x); }
-    static uint16_t store(float x) { return float_to_bf16(x); }
-};
 
 float load_any(const void* base, int64_t index, DType dtype) {
     switch (dtype) {
