@@ -73,6 +73,22 @@ def grad_error(grads: dict, exact: dict) -> float:
     return float((num / sum(g.float().square().sum() for g in exact.values())).sqrt())
 
 
+def assert_same_loss_and_grads(got, want) -> None:
+    """(loss, {name: grad}) of two runs bit for bit: the same loss, gradient names and gradients."""
+    (loss, grads), (want_loss, want_grads) = got, want
+    assert torch.equal(loss, want_loss) and grads.keys() == want_grads.keys()
+    assert all(torch.equal(grads[n], want_grads[n]) for n in want_grads)
+
+
+def assert_close_loss_and_grads(got, want, atol=1e-5, rtol=1e-4) -> None:
+    """(loss, {name: grad}) of two runs within atol / rtol, the same gradient names."""
+    (loss, grads), (want_loss, want_grads) = got, want
+    torch.testing.assert_close(loss, want_loss, atol=atol, rtol=rtol)
+    assert grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=atol, rtol=rtol, msg=name)
+
+
 def assert_within_twice_stock_error(ours: tuple, stock: tuple, exact: tuple) -> None:
     """(loss, grads) of the patched and the stock model in bf16 / fp16 against the fp32 stock run
     `exact`: the patched model's loss and gradient errors are at most twice stock's own (+ 1e-3)."""

@@ -23,8 +23,8 @@ from qlora_kernels.backends import triton_on_cpu
 from qlora_kernels.patching import mlp
 from qlora_kernels.patching.mlp import FAMILIES, patch_mlp, unpatch_mlp
 
-from helpers import assert_within_twice_stock_error
-from test_families import CONFIGS, build
+from helpers import assert_close_loss_and_grads, assert_same_loss_and_grads, assert_within_twice_stock_error
+from test_families import CONFIGS, build, models, stock  # noqa: F401  (models: the fixture)
 
 TESTS = Path(__file__).resolve().parent
 MLP_FAMILIES = list(FAMILIES)
@@ -60,20 +60,6 @@ def loss_and_grads(model, ids):
     return loss.detach(), grads
 
 
-def assert_close_run(got, want, atol=1e-5, rtol=1e-4):
-    (loss, grads), (want_loss, want_grads) = got, want
-    torch.testing.assert_close(loss, want_loss, atol=atol, rtol=rtol)
-    assert grads.keys() == want_grads.keys()
-    for name in want_grads:
-        torch.testing.assert_close(grads[name], want_grads[name], atol=atol, rtol=rtol, msg=name)
-
-
-def assert_same_run(got, want):
-    (loss, grads), (want_loss, want_grads) = got, want
-    assert torch.equal(loss, want_loss) and grads.keys() == want_grads.keys()
-    assert all(torch.equal(grads[n], want_grads[n]) for n in want_grads)
-
-
 def op_names(family):
     return ("swiglu_packed_fwd", "swiglu_packed_bwd") if family in PACKED else ("swiglu_fwd", "swiglu_bwd")
 
@@ -84,17 +70,6 @@ def run_counting(model, ids):
     return result, counts.calls
 
 
-@pytest.fixture(scope="module")
-def stock_models():
-    return {}
-
-
-def stock(stock_models, family):
-    if family not in stock_models:
-        stock_models[family] = build(family)
-    return stock_models[family]
-
-
 def test_families_cover_the_gated_mlps_and_nothing_else():
     assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
     assert set(FAMILIES) <= set(CONFIGS)
@@ -103,8 +78,8 @@ def test_families_cover_the_gated_mlps_and_nothing_else():
 
 
 @pytest.mark.parametrize("family", MLP_FAMILIES)
-def test_fp32_loss_and_grads_match_stock_and_unpatch_restores_it(stock_models, family):
-    model = stock(stock_models, family)
+def test_fp32_loss_and_grads_match_stock_and_unpatch_restores_it(models, family):
+    model = stock(models, family)
     ids = batch()
     want = loss_and_grads(model, ids)
     names = patch_mlp(model)
@@ -114,26 +89,26 @@ def test_fp32_loss_and_grads_match_stock_and_unpatch_restores_it(stock_models, f
         got, calls = run_counting(model, ids)
         fwd, bwd = op_names(family)
         assert calls[fwd] == len(names) and calls[bwd] == len(names), calls
-        assert_close_run(got, want)
+        assert_close_loss_and_grads(got, want)
     finally:
         unpatch_mlp(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
     unpatch_mlp(model)  # a no-op now
-    assert_same_run(loss_and_grads(model, ids), want)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), want)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
-def test_bf16_within_twice_stock_error(stock_models, family):
+def test_bf16_within_twice_stock_error(models, family):
     ids = batch(1)
-    exact = loss_and_grads(stock(stock_models, family), ids)
-    model = copy.deepcopy(stock(stock_models, family)).to(torch.bfloat16)
+    exact = loss_and_grads(stock(models, family), ids)
+    model = copy.deepcopy(stock(models, family)).to(torch.bfloat16)
     stock_run = loss_and_grads(model, ids)
     patch_mlp(model)
     got, calls = run_counting(model, ids)
     assert calls[op_names(family)[0]]
     assert_within_twice_stock_error(got, stock_run, exact)
     unpatch_mlp(model)
-    assert_same_run(loss_and_grads(model, ids), stock_run)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), stock_run)
 
 
 def _lora(model):
@@ -148,8 +123,8 @@ def _lora(model):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma", "gemma3_text", "phi3"])
-def test_peft_lora(stock_models, family):
-    model = _lora(copy.deepcopy(stock(stock_models, family)))
+def test_peft_lora(models, family):
+    model = _lora(copy.deepcopy(stock(models, family)))
     ids = batch(2)
     want = loss_and_grads(model, ids)
     assert any("lora_A" in n for n in want[1]) and all("lora_" in n for n in want[1])
@@ -157,19 +132,19 @@ def test_peft_lora(stock_models, family):
     assert names
     got, calls = run_counting(model, ids)
     assert calls[op_names(family)[1]] == len(names)
-    assert_close_run(got, want)
+    assert_close_loss_and_grads(got, want)
     unpatch_mlp(model.get_base_model())
-    assert_same_run(loss_and_grads(model, ids), want)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), want)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
-def test_bitsandbytes_nf4_base_with_lora(stock_models, family, tmp_path):
+def test_bitsandbytes_nf4_base_with_lora(models, family, tmp_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from test_families import STOCK_ATTENTION
 
-    stock(stock_models, family).save_pretrained(tmp_path)
+    stock(models, family).save_pretrained(tmp_path)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu",
@@ -183,15 +158,15 @@ def test_bitsandbytes_nf4_base_with_lora(stock_models, family, tmp_path):
     assert patch_mlp(model.get_base_model())
     got, calls = run_counting(model, ids)
     assert calls[op_names(family)[0]]
-    assert_close_run(got, want)
+    assert_close_loss_and_grads(got, want)
     unpatch_mlp(model.get_base_model())
-    assert_same_run(loss_and_grads(model, ids), want)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), want)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("family", ["mistral", "gemma", "phi3"])
-def test_gradient_checkpointing(stock_models, family, use_reentrant):
-    model = copy.deepcopy(stock(stock_models, family))
+def test_gradient_checkpointing(models, family, use_reentrant):
+    model = copy.deepcopy(stock(models, family))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     ids = batch(4)
     want = loss_and_grads(model, ids)
@@ -200,12 +175,12 @@ def test_gradient_checkpointing(stock_models, family, use_reentrant):
     fwd, bwd = op_names(family)
     # each checkpointed layer runs its MLP forward twice: once in the forward, again in the backward
     assert calls[fwd] == 2 * len(names) and calls[bwd] == len(names), calls
-    assert_close_run(got, want)
+    assert_close_loss_and_grads(got, want)
     unpatch_mlp(model)
-    assert_same_run(loss_and_grads(model, ids), want)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), want)
 
 
-def test_another_model_stays_stock(stock_models):
+def test_another_model_stays_stock(models):
     patched, other = build("llama"), build("llama")
     ids = batch(5)
     want = loss_and_grads(other, ids)
@@ -216,7 +191,7 @@ def test_another_model_stays_stock(stock_models):
         assert all("forward" not in m.__dict__ for m in other.modules())
         got, calls = run_counting(other, ids)
         assert not calls
-        assert_same_run(got, want)
+        assert_same_loss_and_grads(got, want)
     finally:
         unpatch_mlp(patched)
 
@@ -234,9 +209,9 @@ def test_class_swap_keeps_the_patch():
     assert patch_mlp(model) == names
     got, calls = run_counting(model, ids)
     assert calls["swiglu_fwd"] == len(names)
-    assert_close_run(got, want)
+    assert_close_loss_and_grads(got, want)
     unpatch_mlp(model)
-    assert_same_run(loss_and_grads(model, ids), want)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), want)
 
 
 @pytest.mark.parametrize("family, key, act", [("llama", "hidden_act", "gelu"), ("gemma2", "hidden_activation",
@@ -249,7 +224,7 @@ def test_an_activation_swiglu_lacks_stays_stock(family, key, act):
         assert patch_mlp(model) == []
     got, calls = run_counting(model, ids)
     assert not calls
-    assert_same_run(got, want)
+    assert_same_loss_and_grads(got, want)
 
 
 def test_swapped_activation_or_mixed_dtypes_take_the_stock_expression():
@@ -297,7 +272,7 @@ def _triton_on_cpu_run():
         launches.clear()
         got = loss_and_grads(model, ids)
         assert launches == {"_swiglu_fwd_kernel": len(names), "_swiglu_bwd_kernel": len(names)}, launches
-        assert_close_run(got, want)
+        assert_close_loss_and_grads(got, want)
         unpatch_mlp(model)
     print("triton on cpu: ok")
 

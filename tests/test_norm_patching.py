@@ -26,7 +26,12 @@ from qlora_kernels.backends.common import REGISTERED
 from qlora_kernels.ops import norm as norm_ops
 from qlora_kernels.patching.norm import FAMILIES, patch_norm, unpatch_norm
 
-from helpers import assert_within_twice_stock_error, tiny_causal_lm
+from helpers import (
+    assert_close_loss_and_grads,
+    assert_same_loss_and_grads,
+    assert_within_twice_stock_error,
+    tiny_causal_lm,
+)
 from test_families import build
 from test_patch_model import add_lora, batch, loss_and_grads
 
@@ -74,20 +79,6 @@ def op_calls(monkeypatch):
     return counts
 
 
-def _assert_close(got, want, atol=1e-5, rtol=1e-4):
-    (loss, grads), (want_loss, want_grads) = got, want
-    torch.testing.assert_close(loss, want_loss, atol=atol, rtol=rtol)
-    assert grads.keys() == want_grads.keys()
-    for name in want_grads:
-        torch.testing.assert_close(grads[name], want_grads[name], atol=atol, rtol=rtol, msg=name)
-
-
-def _assert_equal(got, want):
-    (loss, grads), (want_loss, want_grads) = got, want
-    assert torch.equal(loss, want_loss)
-    assert grads.keys() == want_grads.keys() and all(torch.equal(grads[n], want_grads[n]) for n in grads)
-
-
 def test_families_cover_the_rms_norm_families():
     assert set(FAMILIES) == set(PER_LAYER)
     for family in ("opt", "bloom"):  # LayerNorm
@@ -110,10 +101,10 @@ def test_fp32_matches_stock_and_unpatch_restores_it(family, op_calls):
     # every norm's forward and backward ran the op (weights trainable: dweight too)
     assert op_calls == {"fwd": len(names), "bwd": len(names)}
     assert any(".weight" in n and "norm" in n for n in ours[1])
-    _assert_close(ours, stock)
+    assert_close_loss_and_grads(ours, stock)
     unpatch_norm(model)
     assert all("forward" not in m.__dict__ for _, m in _norm_modules(model))
-    _assert_equal(loss_and_grads(model, ids), stock)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), stock)
     assert op_calls["fwd"] == len(names)
     unpatch_norm(model)  # not patched: a no-op
 
@@ -147,7 +138,7 @@ def test_bf16_within_twice_stock_error(family):
     ours = loss_and_grads(low, ids)
     assert_within_twice_stock_error(ours, stock, exact)
     unpatch_norm(low)
-    _assert_equal(loss_and_grads(low, ids), stock)
+    assert_same_loss_and_grads(loss_and_grads(low, ids), stock)
 
 
 # every family with reentrant checkpointing; the non-reentrant one (saved-tensor hooks) on one family
@@ -172,9 +163,9 @@ def test_peft_lora_over_nf4_with_gradient_checkpointing(family, reentrant, op_ca
     # checkpointing runs each layer's norms twice in the forward; frozen norm weights: no dweight
     n_layer_norms = LAYERS * PER_LAYER[family]
     assert op_calls["fwd"] == len(names) + n_layer_norms and op_calls["bwd"] == len(names)
-    _assert_close(ours, stock)
+    assert_close_loss_and_grads(ours, stock)
     unpatch_norm(peft_model.get_base_model())
-    _assert_equal(loss_and_grads(peft_model, ids), stock)
+    assert_same_loss_and_grads(loss_and_grads(peft_model, ids), stock)
 
 
 def test_another_model_stays_stock(op_calls):
@@ -190,7 +181,7 @@ def test_another_model_stays_stock(op_calls):
     assert (LlamaRMSNorm.forward, Gemma3RMSNorm.forward) == forwards
     assert all("forward" not in m.__dict__ for _, m in _norm_modules(other))
     calls = op_calls["fwd"]
-    _assert_equal(loss_and_grads(other, ids), want)
+    assert_same_loss_and_grads(loss_and_grads(other, ids), want)
     assert op_calls["fwd"] == calls
 
 
@@ -202,7 +193,7 @@ def test_class_swap_after_patching_keeps_the_patch(op_calls):
     names = patch_norm(model)
     for _, m in _norm_modules(model):
         m.__class__ = type(f"Sharded{type(m).__name__}", (type(m),), {})
-    _assert_close(loss_and_grads(model, ids), stock)
+    assert_close_loss_and_grads(loss_and_grads(model, ids), stock)
     assert op_calls["fwd"] == len(names)
     unpatch_norm(model)
     assert all("forward" not in m.__dict__ for _, m in _norm_modules(model))

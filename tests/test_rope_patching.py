@@ -25,7 +25,7 @@ import qlora_kernels as qk
 from qlora_kernels.patching import patch_attention, unpatch_attention
 from qlora_kernels.patching.rope import FAMILIES, patch_rope, unpatch_rope
 
-from helpers import assert_within_twice_stock_error
+from helpers import assert_same_loss_and_grads, assert_within_twice_stock_error
 from test_families import CONFIGS, build
 
 TESTS = Path(__file__).resolve().parent
@@ -81,12 +81,6 @@ def assert_close_fp32(got, want, atol=1e-6):
         torch.testing.assert_close(grads[name], want_grads[name], atol=atol, rtol=1e-4, msg=name)
 
 
-def assert_identical(got, want):
-    (loss, grads), (want_loss, want_grads) = got, want
-    assert torch.equal(loss, want_loss) and grads.keys() == want_grads.keys()
-    assert all(torch.equal(grads[n], want_grads[n]) for n in grads)
-
-
 def patched_run(model, ids, **kwargs):
     """(loss, grads) of `model` with rope patched (then unpatched), with the op's call counts."""
     names = patch_rope(model)
@@ -112,7 +106,7 @@ def test_fp32_matches_stock_and_unpatch_restores_it(name):
     with counting() as calls:
         again = loss_and_grads(model, ids)
     assert not calls
-    assert_identical(again, stock)
+    assert_same_loss_and_grads(again, stock)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -234,7 +228,7 @@ def test_qlora_recipe_matches_stock(checkpoints, name, reentrant):
     # checkpointing runs each layer's forward again before its backward
     assert calls == {False: 2 * LAYERS, True: LAYERS}
     assert_close_fp32(got, stock, atol=1e-5)
-    assert_identical(loss_and_grads(peft_model, ids), stock)
+    assert_same_loss_and_grads(loss_and_grads(peft_model, ids), stock)
 
 
 def test_other_model_and_transformers_untouched():
@@ -249,7 +243,7 @@ def test_other_model_and_transformers_untouched():
         with counting() as calls:
             got = loss_and_grads(other, ids)
         assert not calls
-        assert_identical(got, want)
+        assert_same_loss_and_grads(got, want)
         assert modeling_llama.LlamaAttention.forward is stock_forward
         assert modeling_llama.apply_rotary_pos_emb is stock_rope
         with counting() as calls:
@@ -300,7 +294,7 @@ def test_fsdp2_class_swap_keeps_the_patch():
     assert calls[False] == LAYERS
     assert_close_fp32(got, stock)
     unpatch_rope(model)
-    assert_identical(loss_and_grads(model, ids), stock)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), stock)
 
 
 def test_accelerate_hooks_keep_working():
@@ -330,7 +324,7 @@ def test_accelerate_hooks_keep_working():
     unpatch_rope(model)
     assert getattr(attention._old_forward, "__func__", None) is type(attention).forward
     remove_hook_from_module(attention)
-    assert_identical(loss_and_grads(model, ids), stock)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), stock)
 
 
 def test_foreign_instance_forward_is_refused():
